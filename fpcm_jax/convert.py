@@ -1,0 +1,163 @@
+"""Official PyTorch FPCM checkpoints (state_dict) -> Flax variables, and a CLI to save them.
+
+    variables = convert.from_official("ResNet18-CIFAR10-PGD.pt", models.create("resnet18"))
+    python -m fpcm_jax.convert official.pt --model resnet18 --out DIR [--num-classes 10]
+
+Accepts a dict of arrays, an .npz whose keys are the state_dict names, or a .pt/.pth file when
+torch is installed (torch stays optional). Our module names mirror the official ones with '.'
+written '_' ('layer1.0.shortcut.0' is 'layer1_0/shortcut_0'), so each Flax leaf names its
+PyTorch key. A `module.` prefix (DataParallel) is removed; `learnable_freq_control` (unused by
+the official model) and `num_batches_tracked` are skipped; anything missing, left over or of
+the wrong shape stops with an error naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Dict, Mapping, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+IGNORED_SUFFIXES = ("learnable_freq_control", "num_batches_tracked")
+_LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
+               ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
+               ("batch_stats", "var"): "running_var"}
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not fit the model (a key missing, unexpected or mis-shaped)."""
+
+
+def torch_key(collection: str, path: Tuple[str, ...]) -> str:
+    """The official state_dict key of one Flax leaf, e.g. ('layer1_0', 'conv1', 'kernel')."""
+    modules = [name.replace("_", ".") for name in path[:-1]]
+    return ".".join(modules + [_LEAF_NAMES[(collection, path[-1])]])
+
+
+def to_flax_layout(value: np.ndarray, target_shape: Tuple[int, ...], key: str) -> np.ndarray:
+    """PyTorch layout -> Flax: OIHW -> HWIO, (out, in[, 1]) -> (in, out), (C, 1, 1) -> (C,)."""
+    original = np.asarray(value, dtype=np.float32)
+    value, rank = original, len(target_shape)
+    if value.ndim > rank and all(size == 1 for size in value.shape[rank:]):
+        value = value.reshape(value.shape[:rank])  # Conv1d kernels of size 1
+    if value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)
+    elif value.ndim == 2:
+        value = value.T
+    if tuple(value.shape) != tuple(target_shape):
+        raise ConversionError(f"Checkpoint entry {key!r} has shape {original.shape}, which does "
+                              f"not fit the model's {tuple(target_shape)} (Flax layout): is this "
+                              f"checkpoint from another model or number of classes?")
+    return value
+
+
+def load_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, np.ndarray]:
+    """A state_dict as {name: numpy array} from a dict, an .npz or a torch .pt/.pth file."""
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No checkpoint file at {path!r}.")
+        if path.endswith(".npz"):
+            with np.load(path) as archive:
+                state = {name: archive[name] for name in archive.files}
+        else:
+            state = _load_torch(path)
+    for wrapper in ("state_dict", "model", "net"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = dict(state[wrapper])
+    return {_strip_prefix(name): _to_numpy(value) for name, value in state.items()}
+
+
+def _load_torch(path: str) -> Dict[str, Any]:
+    try:
+        import torch  # optional: only needed to read .pt files
+    except ImportError as error:
+        raise ImportError(
+            f"Reading {path!r} needs PyTorch, which fpcm-jax does not install. Either "
+            f"`pip install torch` (CPU build is enough), or convert it elsewhere to .npz: "
+            f"np.savez('ckpt.npz', **{{k: v.numpy() for k, v in torch.load(path).items()}})."
+        ) from error
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _strip_prefix(name: str) -> str:
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def variables_template(model: nn.Module, image_size: int = 32) -> Dict[str, Any]:
+    """Shapes of the model's variables, without computing anything."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+
+
+def from_official(source: Union[str, os.PathLike, Mapping[str, Any]], model: nn.Module,
+                  image_size: int = 32) -> Dict[str, Any]:
+    """Official PyTorch state_dict -> {'params': ..., 'batch_stats': ...} for `model`."""
+    state = load_state_dict(source)
+    template = variables_template(model, image_size)
+    used = set()
+    variables: Dict[str, Any] = {}
+    for collection in ("params", "batch_stats"):
+        flat = traverse_util.flatten_dict(template.get(collection, {}))
+        converted = {}
+        for path, leaf in flat.items():
+            key = torch_key(collection, path)
+            if key not in state:
+                raise ConversionError(f"Checkpoint has no entry {key!r}, which the model needs "
+                                      f"for {collection}/{'/'.join(path)}: is it from another "
+                                      f"model (resnet18 vs wrn, with vs without FPCM)?")
+            converted[path] = jnp.asarray(to_flax_layout(state[key], leaf.shape, key))
+            used.add(key)
+        variables[collection] = traverse_util.unflatten_dict(converted)
+    unexpected = sorted(name for name in state
+                        if name not in used and not name.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        shown = ", ".join(repr(name) for name in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise ConversionError(f"Checkpoint entries the model does not have: {shown}{more}. Is it "
+                              f"from another model (resnet18 vs wrn, with vs without FPCM)?")
+    return variables
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fpcm_jax.convert",
+        description="Convert an official PyTorch FPCM checkpoint to an fpcm-jax orbax checkpoint.")
+    parser.add_argument("checkpoint", help="official .pt/.pth file (needs torch) or .npz")
+    parser.add_argument("--model", required=True, help="resnet18, wrn-34-10, ...")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--no-fpcm", action="store_true", help="a baseline without FPCM")
+    parser.add_argument("--out", required=True, help="directory for the orbax checkpoint")
+    args = parser.parse_args(argv)
+
+    from fpcm_jax import checkpoint, models
+    try:
+        model = models.create(args.model, num_classes=args.num_classes, fpcm=not args.no_fpcm)
+        variables = from_official(args.checkpoint, model)
+        model_info = {"name": args.model, "num_classes": args.num_classes,
+                      "fpcm": not args.no_fpcm, "source": os.path.abspath(args.checkpoint)}
+        checkpoint.save_variables(args.out, variables, model_info)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    print(f"Wrote {args.out} ({args.model}, {count:,} parameters).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""CIFAR ResNet-18 (3x3 stem, no max-pool), with or without FPCM after each stage.
+
+Matches the official `ResNet18_FNet` module for module (names mirror its state_dict, with '.'
+written '_', so `fpcm_jax.convert` maps one to the other) and PyTorch's default init. With
+`fpcm=False` it is the standard CIFAR ResNet-18 that the paper compares against.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fpcm_jax.layers import FPCM
+from fpcm_jax.models.common import BatchNorm, check_images, conv, normalize, torch_dense
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus (projection) shortcut, then ReLU."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        norm = lambda name: BatchNorm(name=name)
+        out = conv(self.features, 3, self.stride, "conv1", dtype=self.dtype)(x)
+        out = nn.relu(norm("bn1")(out, not train))
+        out = conv(self.features, 3, 1, "conv2", dtype=self.dtype)(out)
+        out = norm("bn2")(out, not train)
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            shortcut = conv(self.features, 1, self.stride, "shortcut_0", dtype=self.dtype)(x)
+            shortcut = norm("shortcut_1")(shortcut, not train)
+        return nn.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet; `ResNet()` is ResNet-18 with FPCM, as the official code."""
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    widths: Sequence[int] = (64, 128, 256, 512)
+    num_classes: int = 10
+    fpcm: bool = True
+    fpcm_variant: str = "tokens"
+    cutoff_start: float = 0.5
+    cutoff_end: float = 0.125
+    mean: Optional[Sequence[float]] = None  # the official ResNet-18 takes raw [0, 1] input
+    std: Optional[Sequence[float]] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, progress: Any = 1.0) -> jax.Array:
+        check_images(x, type(self).__name__)
+        out = normalize(x.astype(jnp.float32), self.mean, self.std).astype(self.dtype)
+        out = conv(self.widths[0], 3, 1, "conv1", dtype=self.dtype)(out)
+        out = nn.relu(BatchNorm(name="bn1")(out, not train))
+        for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths), 1):
+            for block in range(num_blocks):
+                stride = 2 if stage > 1 and block == 0 else 1
+                out = BasicBlock(width, stride, self.dtype, name=f"layer{stage}_{block}")(out, train)
+            if self.fpcm:
+                out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
+                           name=f"attn{stage}")(out, progress)
+        out = jnp.mean(out, axis=(1, 2))  # = the official avg_pool2d(4) on a 32x32 input
+        logits = torch_dense(self.num_classes, out.shape[-1], "linear", self.dtype)(out)
+        return logits.astype(jnp.float32)
