@@ -1,0 +1,116 @@
+"""Official state_dict conversion: formats, prefixes, errors, the CLI and orbax round trip."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpcm_jax import checkpoint, convert, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def wrn():
+    return models.create("wrn-16-2")
+
+
+def logits(model, variables, x):
+    return np.asarray(model.apply(variables, x, train=False))
+
+
+def test_module_prefix_and_ignored_entries(official_wrn16_2, wrn):
+    arrays, state_dict = official_wrn16_2
+    plain = convert.from_official(state_dict, wrn)
+    wrapped = {f"module.{key}": value for key, value in state_dict.items()}
+    wrapped["module.attn1.learnable_freq_control"] = np.ones(160, np.float32)
+    converted = convert.from_official({"state_dict": wrapped}, wrn)
+    chex_equal = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), plain, converted)
+    assert all(jax.tree.leaves(chex_equal))
+
+
+def test_npz_file_gives_the_same_variables(official_wrn16_2, wrn, tmp_path):
+    arrays, state_dict = official_wrn16_2
+    path = tmp_path / "official.npz"
+    np.savez(path, **state_dict)
+    from_file = convert.from_official(str(path), wrn)
+    np.testing.assert_allclose(logits(wrn, from_file, arrays["x_eval"]),
+                               arrays["logits_eval_60"], rtol=1e-4, atol=1e-4)
+
+
+def test_missing_unexpected_and_misshaped_entries_are_named(official_wrn16_2, wrn):
+    _, state_dict = official_wrn16_2
+    missing = {k: v for k, v in state_dict.items() if k != "block2.layer.1.conv2.weight"}
+    with pytest.raises(convert.ConversionError, match="block2.layer.1.conv2.weight"):
+        convert.from_official(missing, wrn)
+    extra = dict(state_dict, **{"head.weight": np.zeros((10, 128), np.float32)})
+    with pytest.raises(convert.ConversionError, match="head.weight"):
+        convert.from_official(extra, wrn)
+    wrong = dict(state_dict, **{"fc.weight": np.zeros((100, 128), np.float32)})
+    with pytest.raises(convert.ConversionError, match="'fc.weight' has shape \\(100, 128\\)"):
+        convert.from_official(wrong, wrn)
+
+
+def test_checkpoint_of_another_model_is_refused(official_resnet18, official_wrn16_2, wrn):
+    with pytest.raises(convert.ConversionError, match="another model"):
+        convert.from_official(official_resnet18[1], wrn)
+    with pytest.raises(convert.ConversionError, match="another model"):
+        convert.from_official(official_wrn16_2[1], models.create("wrn-16-2", fpcm=False))
+
+
+def test_missing_file_and_pt_without_torch(tmp_path, wrn):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        convert.from_official(str(tmp_path / "nope.pt"), wrn)
+    pt = tmp_path / "official.pt"
+    pt.write_bytes(b"not really")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install torch"):
+            convert.from_official(str(pt), wrn)
+
+
+def test_pt_file_when_torch_is_installed(official_wrn16_2, wrn, tmp_path):
+    torch = pytest.importorskip("torch")
+    arrays, state_dict = official_wrn16_2
+    path = tmp_path / "official.pt"
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, path)
+    np.testing.assert_allclose(logits(wrn, convert.from_official(str(path), wrn), arrays["x_eval"]),
+                               arrays["logits_eval_60"], rtol=1e-4, atol=1e-4)
+
+
+def test_cli_writes_a_checkpoint_that_loads(official_wrn16_2, wrn, tmp_path):
+    arrays, state_dict = official_wrn16_2
+    source = tmp_path / "official.npz"
+    np.savez(source, **state_dict)
+    out = tmp_path / "converted"
+    command = [sys.executable, "-m", "fpcm_jax.convert", str(source), "--model", "wrn-16-2",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "713,402 parameters" in result.stdout
+    variables, info = checkpoint.load_variables(str(out), convert.variables_template(wrn))
+    assert info["name"] == "wrn-16-2" and info["fpcm"] is True
+    np.testing.assert_allclose(logits(wrn, variables, arrays["x_eval"]),
+                               arrays["logits_eval_60"], rtol=1e-4, atol=1e-4)
+    # A second run must not overwrite it; a wrong model must fail with a one-line error.
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 1 and "already holds a checkpoint" in again.stderr
+    wrong = subprocess.run(command[:-4] + ["--model", "resnet18", "--out", str(tmp_path / "r")],
+                           cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: ")
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "r").exists()
+
+
+def test_loading_into_another_model_names_the_difference(official_wrn16_2, wrn, tmp_path):
+    variables = convert.from_official(official_wrn16_2[1], wrn)
+    checkpoint.save_variables(str(tmp_path / "ckpt"), variables, {"name": "wrn-16-2"})
+    other = convert.variables_template(models.create("wrn-16-2", num_classes=100))
+    with pytest.raises(ValueError, match="does not fit the model.*fc"):
+        checkpoint.load_variables(str(tmp_path / "ckpt"), other)
+    with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
+        checkpoint.load_variables(str(tmp_path / "elsewhere"))
