@@ -32,4 +32,18 @@ def create(name: str, num_classes: int = 10, fpcm: bool = True, **kwargs) -> nn.
     raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
 
 
-__all__ = ["create", "ResNet", "WideResNet", "MODEL_NAMES"]
+
+
+def from_config(model_config, num_classes: int, mean=None, std=None) -> nn.Module:
+    """The model a `config.model` section describes (normalisation resolved by the caller)."""
+    extra = {}
+    if model_config.get("widths"):
+        extra["widths"] = tuple(model_config.widths)
+    if model_config.get("stage_sizes"):
+        extra["stage_sizes"] = tuple(model_config.stage_sizes)
+    return create(model_config.name, num_classes=num_classes, fpcm=model_config.fpcm,
+                  fpcm_variant=model_config.fpcm_variant, cutoff_start=model_config.cutoff_start,
+                  cutoff_end=model_config.cutoff_end, mean=mean, std=std, **extra)
+
+
+__all__ = ["create", "from_config", "ResNet", "WideResNet", "MODEL_NAMES"]

@@ -1,0 +1,58 @@
+"""Shared defaults: the official ResNet-18 + FPCM PGD-AT recipe on CIFAR-10 (SPEC section 2).
+
+Every experiment config starts from `get_config()` here and overrides what differs. Any field
+can be overridden on the command line, e.g. `--config.train.epochs=10`; an unknown key stops
+with an error naming it.
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "resnet18"          # resnet18 | wrn-<depth>-<width>
+    config.model.fpcm = True                # False: the baseline without FPCM
+    config.model.fpcm_variant = "tokens"    # tokens (official) | spatial (2-D radial, ours)
+    config.model.cutoff_start = 0.5         # D0 / P at the start of training
+    config.model.cutoff_end = 0.125         # D0 / P at the end of training and in evaluation
+    config.model.normalization = "none"     # none (official ResNet-18) | cifar10 (official WRN) | dataset
+    config.model.widths = ml_collections.FieldReference(None, field_type=tuple)  # tiny variants
+    config.model.stage_sizes = ml_collections.FieldReference(None, field_type=tuple)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "cifar10"            # cifar10 | cifar100 | svhn | imagenette | digits
+    config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir
+    config.data.prepare = False             # let tfds download/prepare (needs tensorflow-cpu)
+    config.data.validation_size = 1000      # held out of the training split for model selection
+    config.data.flip = True                 # random horizontal flip (not for SVHN)
+    config.data.crop_padding = 4            # random crop with zero padding
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 120
+    config.train.batch_size = 128           # global, over all devices and hosts
+    config.train.lr = 0.01
+    config.train.momentum = 0.9
+    config.train.weight_decay = 3.5e-3
+    config.train.schedule = "multistep"     # multistep | cosine (both with warm-up)
+    config.train.warmup_epochs = 5
+    config.train.schedule_per = "epoch"     # epoch (official) | step: LR and cutoff granularity
+    config.train.loss = "ce"                # ce (PGD-AT) | trades | mart
+    config.train.beta = 6.0                 # TRADES / MART weight
+    config.train.trades_attack = "ce"       # ce (official) | kl (TRADES paper)
+    config.train.eval_every_epochs = 1      # validation clean + PGD accuracy
+    config.train.checkpoint_every_steps = 500
+    config.train.final_test_attack_steps = 20  # test-split PGD-N at the end (0: clean only)
+
+    config.attack = ml_collections.ConfigDict()  # the training attack
+    config.attack.eps = 8 / 255
+    config.attack.step_size = 2 / 255
+    config.attack.steps = 10                # 0: standard (non-adversarial) training
+    config.attack.bn_mode = "train"         # train (official) | batch_stats_frozen | eval
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 256
+    config.eval.attack_steps = 10           # validation PGD during training
+    return config

@@ -1,0 +1,191 @@
+"""Datasets as in-memory uint8 arrays, and on-device augmentation.
+
+Each split is read once (tensorflow-datasets ArrayRecord data through `tfds.data_source`, which
+needs no TensorFlow) into NHWC uint8 numpy arrays; training keeps them on the accelerators and
+gathers batches by index inside the jitted step. Nothing is downloaded unless
+`config.data.prepare=True`: a dataset that is not prepared stops at once with instructions.
+
+`digits` is scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package),
+upscaled to 32x32x3: small real data for the tiny config and the tests, no download needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    tfds_name: Optional[str]
+    train_split: str
+    test_split: str
+    num_classes: int
+    image_size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    archive: str = ""  # what to place in the tfds manual dir to prepare offline
+
+
+DATASETS = {
+    "cifar10": DatasetSpec("cifar10", "train", "test", 10, 32, CIFAR10_MEAN, CIFAR10_STD,
+                           "cifar-10-binary.tar.gz"),
+    "cifar100": DatasetSpec("cifar100", "train", "test", 100, 32, (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762), "cifar-100-binary.tar.gz"),
+    "svhn": DatasetSpec("svhn_cropped", "train", "test", 10, 32, (0.4377, 0.4438, 0.4728),
+                        (0.1980, 0.2010, 0.1970), "train_32x32.mat and test_32x32.mat"),
+    "imagenette": DatasetSpec("imagenette/160px", "train", "validation", 10, 160, IMAGENET_MEAN,
+                              IMAGENET_STD, "imagenette2-160.tgz"),
+    "digits": DatasetSpec(None, "train", "test", 10, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+@dataclasses.dataclass
+class Split:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be read; the message says how to fix it."""
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DatasetError(f"Unknown dataset {name!r}; valid: {', '.join(DATASETS)}.")
+    return DATASETS[name]
+
+
+def load(name: str, data_dir: Optional[str] = None, validation_size: int = 0,
+         prepare: bool = False, seed: int = 0) -> Tuple[Split, Split, Split]:
+    """(train, validation, test) splits; validation is held out of the training split."""
+    spec = get_spec(name)
+    if spec.tfds_name is None:
+        full_train, test = _load_digits(spec.image_size)
+    else:
+        full_train = _load_tfds(spec, spec.train_split, data_dir, prepare)
+        test = _load_tfds(spec, spec.test_split, data_dir, prepare)
+    if not 0 <= validation_size < len(full_train):
+        raise DatasetError(f"validation_size={validation_size} must lie in [0, "
+                           f"{len(full_train)}) for {name}.")
+    order = np.random.default_rng(seed).permutation(len(full_train))
+    held_out, kept = np.sort(order[:validation_size]), np.sort(order[validation_size:])
+    train = Split(full_train.images[kept], full_train.labels[kept])
+    validation = Split(full_train.images[held_out], full_train.labels[held_out])
+    return train, validation, test
+
+
+def _load_digits(image_size: int) -> Tuple[Split, Split]:
+    from sklearn.datasets import load_digits  # ships its data; imported only when used
+
+    digits = load_digits()
+    images = (digits.images / 16.0 * 255.0).round().astype(np.uint8)  # (1797, 8, 8)
+    scale = image_size // images.shape[1]
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    order = np.random.default_rng(0).permutation(len(labels))
+    test_ids, train_ids = np.sort(order[:297]), np.sort(order[297:])
+    return Split(images[train_ids], labels[train_ids]), Split(images[test_ids], labels[test_ids])
+
+
+def _not_prepared_message(spec: DatasetSpec, data_dir: str, manual_dir: str) -> str:
+    return (
+        f"Dataset {spec.tfds_name} is not prepared in {data_dir}. fpcm-jax reads prepared "
+        f"tensorflow-datasets data and does not download unless asked. Either point "
+        f"--config.data.data_dir at a directory where it is prepared (ArrayRecord format: "
+        f"`tfds build {spec.tfds_name} --file_format=array_record --data_dir DIR`), or put "
+        f"{spec.archive} into {manual_dir} (offline) or allow downloading, and run again with "
+        f"--config.data.prepare=True (preparing needs `pip install tensorflow-cpu`).")
+
+
+def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str], prepare: bool) -> Split:
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    data_dir = os.fspath(builder.data_dir_root)
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
+    if not builder.is_prepared():
+        if not prepare:
+            raise DatasetError(_not_prepared_message(spec, data_dir, manual_dir))
+        if importlib.util.find_spec("tensorflow") is None:
+            raise DatasetError(f"Preparing {spec.tfds_name} needs TensorFlow: "
+                               f"`pip install tensorflow-cpu`, then run again.")
+        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+        builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    try:
+        source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+    except Exception as error:  # e.g. prepared as TFRecord, which has no random access
+        raise DatasetError(f"Cannot read {spec.tfds_name} [{split}] from {data_dir}: {error}. "
+                           f"fpcm-jax needs the ArrayRecord format: `tfds build "
+                           f"{spec.tfds_name} --file_format=array_record`.") from error
+    images, labels = [], []
+    for example in source:
+        images.append(_fit_image(np.asarray(example["image"]), spec.image_size))
+        labels.append(int(example["label"]))
+    return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
+
+
+def _fit_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` and center-crop (Imagenette); CIFAR passes through."""
+    if image.shape[:2] == (size, size):
+        return image
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    resized = np.asarray(Image.fromarray(image).resize(new_size, Image.BILINEAR))
+    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+    return resized[top:top + size, left:left + size]
+
+
+def augment(images: jax.Array, key: jax.Array, padding: int = 4, flip: bool = True) -> jax.Array:
+    """uint8 NHWC -> float32 in [0, 1]: zero-padded random crop and random horizontal flip.
+
+    As torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, one draw per image.
+    """
+    batch, height, width, _ = images.shape
+    x = images.astype(jnp.float32) / 255.0
+    crop_key, flip_key = jax.random.split(key)
+    if padding:
+        padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1)
+        crop = lambda image, offset: jax.lax.dynamic_slice(
+            image, (offset[0], offset[1], 0), (height, width, image.shape[-1]))
+        x = jax.vmap(crop)(padded, offsets)
+    if flip:
+        flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
+        x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
+    return x
+
+
+def to_float(images: jax.Array) -> jax.Array:
+    """uint8 -> float32 in [0, 1], for evaluation."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def normalization(kind: str, spec: DatasetSpec) -> Tuple[Optional[Sequence[float]],
+                                                         Optional[Sequence[float]]]:
+    """(mean, std) for the model: 'none', 'cifar10' (the official WRN's) or 'dataset'."""
+    if kind == "none":
+        return None, None
+    if kind == "cifar10":
+        return CIFAR10_MEAN, CIFAR10_STD
+    if kind == "dataset":
+        return spec.mean, spec.std
+    raise ValueError(f"Unknown model.normalization {kind!r}; use none, cifar10 or dataset.")

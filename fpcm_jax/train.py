@@ -1,0 +1,383 @@
+"""Adversarial training: the train state, the jitted data-parallel step and the training loop.
+
+One step (SPEC section 2, as the official train.py):
+  gather the batch by index from the on-device uint8 dataset -> augment (pad-4 crop, flip)
+  -> clean forward in train mode (updates BatchNorm statistics, gives the clean accuracy)
+  -> PGD-10 attack (BatchNorm mode `train`: batch statistics, running statistics updated by
+     every attack step as the official code; `batch_stats_frozen`: batch statistics, no update;
+     `eval`: running statistics)
+  -> loss (ce | trades | mart) on the adversarial batch -> SGD with momentum and weight decay.
+The learning-rate schedule and the FPCM cutoff follow the epoch (official) or the step, both
+computed from the traced step counter, so nothing recompiles during training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from tqdm import tqdm
+
+from fpcm_jax import checkpoint, data, evaluate, losses, models, parallel
+from fpcm_jax.attacks.pgd import pgd_iterate, uniform_start
+
+BN_MODES = ("train", "batch_stats_frozen", "eval")
+SCHEDULES = ("multistep", "cosine")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message says what to do."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    def variables(self) -> Dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def lr_factor(epoch, total_epochs: int, warmup_epochs: int, kind: str):
+    """The official LambdaLR factor: linear warm-up from 0.1, then multistep or cosine."""
+    epoch = jnp.asarray(epoch, jnp.float32)
+    warm = 0.1 + 0.9 * epoch / max(warmup_epochs, 1)
+    if kind == "multistep":
+        after = jnp.where(epoch < int(0.7 * total_epochs), 1.0,
+                          jnp.where(epoch < int(0.9 * total_epochs), 0.1, 0.01))
+    elif kind == "cosine":
+        span = max(total_epochs - warmup_epochs, 1)
+        cosine = 1.0 + jnp.cos((epoch - warmup_epochs) / span * math.pi)
+        after = (0.0001 + 0.5 * (0.01 - 0.0001) * cosine) / 0.01
+    else:
+        raise ValueError(f"Unknown train.schedule {kind!r}; use one of {SCHEDULES}.")
+    return jnp.where(epoch < warmup_epochs, warm, after)
+
+
+def schedule_epoch(step, steps_per_epoch: int, per: str):
+    """The (possibly fractional) epoch that the LR and the cutoff follow at a step."""
+    if per == "epoch":
+        return step // steps_per_epoch
+    return step / steps_per_epoch
+
+
+def cutoff_progress(step, steps_per_epoch: int, epochs: int, per: str):
+    """Training progress for the FPCM cutoff: official epoch / total, epoch counted from 1."""
+    if per == "epoch":
+        return (step // steps_per_epoch + 1) / epochs
+    return (step + 1) / (steps_per_epoch * epochs)
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict,
+                   steps_per_epoch: int) -> Tuple[optax.GradientTransformation, Callable]:
+    """PyTorch SGD: weight decay added to the gradient of every parameter, then momentum."""
+
+    def learning_rate(step):
+        epoch = schedule_epoch(step, steps_per_epoch, train_config.schedule_per)
+        factor = lr_factor(epoch, train_config.epochs, train_config.warmup_epochs,
+                           train_config.schedule)
+        return train_config.lr * factor
+
+    tx = optax.chain(optax.add_decayed_weights(train_config.weight_decay),
+                     optax.sgd(learning_rate, momentum=train_config.momentum))
+    return tx, learning_rate
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                 image_size: int) -> TrainState:
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = model.init(key, dummy, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning_rate: Callable,
+                    config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
+    """train_step(state, batch, key) -> (state, metrics), pure; `key` is the run's base key."""
+    train_cfg, attack_cfg, data_cfg = config.train, config.attack, config.data
+
+    def forward(params, stats, x, progress, train):
+        variables = {"params": params, "batch_stats": stats}
+        if not train:
+            return model.apply(variables, x, train=False, progress=progress), stats
+        logits, updates = model.apply(variables, x, train=True, progress=progress,
+                                      mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+
+    def attack(params, stats, x, y, clean_logits, progress, key):
+        """Adversarial examples and the running statistics after the attack's forwards."""
+        if attack_cfg.steps == 0:
+            return x, stats
+        mode = attack_cfg.bn_mode
+
+        def logits_and_stats(x_in, stats_in):
+            logits, new_stats = forward(params, stats_in, x_in, progress, mode != "eval")
+            return logits, (new_stats if mode == "train" else stats_in)
+
+        if train_cfg.loss == "trades" and train_cfg.trades_attack == "kl":
+            target_logits = clean_logits if mode != "eval" else forward(
+                params, stats, x, progress, False)[0]
+            target = jax.nn.softmax(target_logits)
+            start = x + 0.001 * jax.random.normal(key, x.shape)  # as the TRADES code
+
+            def loss_fn(x_adv, stats_in):
+                logits, new_stats = logits_and_stats(x_adv, stats_in)
+                kl = losses.kl_per_example(target, jax.nn.log_softmax(logits)).sum()
+                return kl, new_stats
+        else:
+            start = uniform_start(key, x, attack_cfg.eps)
+
+            def loss_fn(x_adv, stats_in):
+                logits, new_stats = logits_and_stats(x_adv, stats_in)
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+                return ce, new_stats
+
+        return pgd_iterate(loss_fn, x, start, stats, attack_cfg.eps, attack_cfg.step_size,
+                           attack_cfg.steps, unroll=True)
+
+    def train_step(state: TrainState, batch: Dict[str, jax.Array], key: jax.Array):
+        step_key = jax.random.fold_in(key, state.step)
+        augment_key, attack_key = jax.random.split(step_key)
+        x = data.augment(batch["images"], augment_key, data_cfg.crop_padding, data_cfg.flip)
+        y = batch["labels"]
+        progress = cutoff_progress(state.step, steps_per_epoch, train_cfg.epochs,
+                                   train_cfg.schedule_per)
+        # The official code runs the clean batch first, in train mode (its BN update counts).
+        clean_logits, stats = forward(state.params, state.batch_stats, x, progress, True)
+        clean_logits = jax.lax.stop_gradient(clean_logits)
+        x_adv, stats = attack(state.params, stats, x, y, clean_logits, progress, attack_key)
+
+        def loss_fn(params):
+            adv_logits, new_stats = forward(params, stats, x_adv, progress, True)
+            clean_for_loss = clean_logits
+            if train_cfg.loss != "ce":  # needs gradients through the clean branch too
+                clean_for_loss = forward(params, state.batch_stats, x, progress, True)[0]
+            loss = losses.adversarial_loss(train_cfg.loss, clean_for_loss, adv_logits, y,
+                                           train_cfg.beta)
+            return loss, (adv_logits, new_stats)
+
+        (loss, (adv_logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss,
+                   "clean_acc": jnp.mean(jnp.argmax(clean_logits, -1) == y),
+                   "adv_acc": jnp.mean(jnp.argmax(adv_logits, -1) == y),
+                   "lr": learning_rate(state.step),
+                   "cutoff_progress": jnp.asarray(progress, jnp.float32)}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, mesh) -> Callable:
+    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(train_step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for option values (unknown keys are caught when the flags are parsed)."""
+    choices = [("train.loss", config.train.loss, losses.LOSS_NAMES),
+               ("train.schedule", config.train.schedule, SCHEDULES),
+               ("train.schedule_per", config.train.schedule_per, ("epoch", "step")),
+               ("train.trades_attack", config.train.trades_attack, ("ce", "kl")),
+               ("attack.bn_mode", config.attack.bn_mode, BN_MODES),
+               ("model.normalization", config.model.normalization, ("none", "cifar10", "dataset")),
+               ("data.name", config.data.name, tuple(data.DATASETS))]
+    for name, value, valid in choices:
+        if value not in valid:
+            raise ValueError(f"--config.{name}={value!r} is not valid; use one of {valid}.")
+    if config.train.epochs < 1:
+        raise ValueError("--config.train.epochs must be at least 1.")
+    parallel.check_batch_size(config.train.batch_size)
+    parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
+
+
+def model_description(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
+    """What makes a checkpoint loadable by a model: compared when a workdir is reused."""
+    description = json.loads(config.model.to_json())
+    description["num_classes"] = num_classes
+    description["dataset"] = config.data.name
+    return description
+
+
+def build_model(config: ml_collections.ConfigDict) -> Tuple[nn.Module, data.DatasetSpec]:
+    spec = data.get_spec(config.data.name)
+    mean, std = data.normalization(config.model.normalization, spec)
+    return models.from_config(config.model, spec.num_classes, mean, std), spec
+
+
+class _StopFlag:
+    """Set by SIGTERM: the loop saves a resumable checkpoint and exits."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Train (or resume) in `workdir`; returns the final summary."""
+    validate_config(config)
+    parallel.maybe_initialize_distributed(config.get("multihost", False))
+    main = parallel.is_main_process()
+    model, spec = build_model(config)
+    run = checkpoint.RunDirectory(workdir, model_description(config, spec.num_classes))
+    train_split, val_split, test_split = data.load(
+        config.data.name, config.data.data_dir, config.data.validation_size,
+        config.data.prepare, config.seed)
+    batch_size = config.train.batch_size
+    steps_per_epoch = len(train_split) // batch_size  # the last partial batch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size={batch_size} exceeds the {len(train_split)} "
+                         f"training images.")
+    total_steps = steps_per_epoch * config.train.epochs
+
+    mesh = parallel.make_mesh()
+    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    tx, learning_rate = make_optimizer(config.train, steps_per_epoch)
+    root_key = jax.random.key(config.seed)
+    init_key, train_key, eval_key = jax.random.split(root_key, 3)
+    state = jax.device_put(create_state(model, tx, init_key, spec.image_size), repl)
+    state, best = run.restore_latest(state)
+    start_step = int(state.step)
+    run.start_metrics(start_step)
+
+    images = parallel.global_array(train_split.images, repl)
+    labels = parallel.global_array(train_split.labels, repl)
+    gather = jax.jit(lambda imgs, lbls, idx: {"images": imgs[idx], "labels": lbls[idx]},
+                     out_shardings=sharded)
+    train_step = jit_train_step(make_train_step(model, tx, learning_rate, config,
+                                                steps_per_epoch), mesh)
+    eval_step = evaluate.pgd_eval_step(model, mesh, config.eval.attack_steps,
+                                       config.attack.eps, config.attack.step_size)
+
+    stop = _StopFlag()
+    previous_handler = signal.signal(signal.SIGTERM, stop)
+    stop_after = config.train.get("stop_after_steps", 0)
+    pending = None  # metrics of the step before, fetched after the next one is dispatched
+
+    def settle(pending):
+        """Fetch the last step's metrics; stop on a non-finite loss before anything is saved."""
+        if pending is None:
+            return None
+        step, metrics = pending
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+            epoch = step // steps_per_epoch + 1
+            raise TrainingError(
+                f"Loss became {metrics['loss']} at step {step + 1} (epoch {epoch}); stopped "
+                f"without saving. The last good checkpoint in {run.checkpoint_dir} is kept. "
+                f"Lower --config.train.lr or check the data.")
+        run.log_metrics({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, **metrics})
+        return metrics
+
+    try:
+        step = start_step
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(train_split))
+            bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch,
+                       desc=f"epoch {epoch + 1}/{config.train.epochs}", disable=not main,
+                       dynamic_ncols=True, file=sys.stdout)
+            epoch_start, epoch_images = time.time(), 0
+            while step < total_steps and step // steps_per_epoch == epoch:
+                position = step % steps_per_epoch
+                indices = order[position * batch_size:(position + 1) * batch_size]
+                batch = gather(images, labels, parallel.global_array(indices, sharded))
+                state, metrics = train_step(state, batch, train_key)
+                shown = settle(pending)
+                pending = (step, metrics)
+                step += 1
+                epoch_images += batch_size
+                if shown is not None:
+                    rate = epoch_images / max(time.time() - epoch_start, 1e-9)
+                    bar.set_postfix(loss=f"{shown['loss']:.4f}", clean=f"{shown['clean_acc']:.3f}",
+                                    adv=f"{shown['adv_acc']:.3f}", img_s=f"{rate:.1f}")
+                bar.update(1)
+                end_of_epoch = step % steps_per_epoch == 0
+                due = step % config.train.checkpoint_every_steps == 0 or end_of_epoch
+                interrupted = stop.requested or (stop_after and step - start_step >= stop_after)
+                if due or interrupted or step == total_steps:
+                    settle(pending)
+                    pending = None
+                    if end_of_epoch:
+                        best = _end_of_epoch(config, run, state, best, eval_step, val_split,
+                                             eval_key, mesh, step // steps_per_epoch, main)
+                    run.save_latest(state, best)
+                if interrupted:
+                    bar.close()
+                    reason = "SIGTERM" if stop.requested else "train.stop_after_steps"
+                    if main:
+                        print(f"Stopped at step {step} ({reason}); run the same command to "
+                              f"resume from {run.checkpoint_dir}.")
+                    return {"stopped_at_step": step, "reason": reason}
+            bar.close()
+        settle(pending)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    return _final_summary(config, run, model, state, test_split, eval_key, mesh, main)
+
+
+def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh, epoch, main):
+    """Validation accuracy (clean and PGD, eval mode, final cutoff) and best-model tracking."""
+    every = config.train.eval_every_epochs
+    last = epoch == config.train.epochs
+    if len(val_split) == 0 or not every or (epoch % every and not last):
+        return best
+    result = evaluate.evaluate_split(eval_step, state.variables(), val_split,
+                                     config.eval.batch_size, jax.random.fold_in(eval_key, epoch),
+                                     mesh)
+    record = {"step": int(state.step), "epoch": epoch, "val_clean_acc": result["clean_acc"],
+              "val_robust_acc": result["robust_acc"]}
+    run.log_metrics(record)
+    if main:
+        print(f"epoch {epoch}: validation clean {result['clean_acc']:.4f}, "
+              f"PGD-{config.eval.attack_steps} {result['robust_acc']:.4f} "
+              f"({result['examples']} images)")
+    best = dict(best)
+    total = result["clean_acc"] + result["robust_acc"]
+    if total > best.get("sum", -1.0):
+        best["sum"] = total
+        run.save_best("best_sum", state.variables(), record)
+    if result["robust_acc"] > best.get("robust", -1.0):
+        best["robust"] = result["robust_acc"]
+        run.save_best("best_robust", state.variables(), record)
+    return best
+
+
+def _final_summary(config, run, model, state, test_split, eval_key, mesh, main):
+    steps = config.train.final_test_attack_steps
+    eval_step = evaluate.pgd_eval_step(model, mesh, steps, config.attack.eps,
+                                       config.attack.step_size)
+    result = evaluate.evaluate_split(eval_step, state.variables(), test_split,
+                                     config.eval.batch_size, jax.random.fold_in(eval_key, 2**31 - 1),
+                                     mesh)
+    summary = {"final_step": int(state.step), "test_examples": result["examples"],
+               "test_clean_acc": result["clean_acc"],
+               f"test_pgd{steps}_acc": result["robust_acc"], "checkpoints": run.listing()}
+    run.write_summary(summary)
+    if main:
+        print(f"Final model on the test split ({result['examples']} images): clean "
+              f"{result['clean_acc']:.4f}, PGD-{steps} {result['robust_acc']:.4f}. "
+              f"Checkpoints: {', '.join(summary['checkpoints'])}.")
+    return summary
