@@ -48,5 +48,30 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv):
+    """Parse flags; a bad flag or an unknown config key is one line on stderr, exit code 2."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # config_flags defers a config file's load errors to first use
+        return remaining
+    except OSError as error:
+        message = str(error).strip().splitlines()[-1].strip()
+        message = f"cannot load the --config file: {message}"
+    except flags.Error as error:
+        message = f"{error}. See --helpfull."
+    except (AttributeError, KeyError) as error:  # ml_collections: an override of a missing key
+        key = str(error).strip("\"'")
+        culprit = [arg for arg in argv if arg.startswith("--config.") and key in arg]
+        where = f" in {culprit[0]}" if culprit else ""
+        message = (f"unknown config key {key!r}{where}; configs/default.py lists every key "
+                   f"with its meaning.")
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    try:
+        sys.exit(main(parse_flags(sys.argv)))
+    except app.UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -11,6 +11,7 @@ import ml_collections
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.multihost = False                # True: jax.distributed.initialize() (every host)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet18"          # resnet18 | wrn-<depth>-<width>
@@ -45,6 +46,7 @@ def get_config():
     config.train.eval_every_epochs = 1      # validation clean + PGD accuracy
     config.train.checkpoint_every_steps = 500
     config.train.final_test_attack_steps = 20  # test-split PGD-N at the end (0: clean only)
+    config.train.stop_after_steps = 0       # >0: save and stop after this many steps (resumable)
 
     config.attack = ml_collections.ConfigDict()  # the training attack
     config.attack.eps = 8 / 255

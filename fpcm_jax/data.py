@@ -117,9 +117,7 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str], prepare: 
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     data_dir = os.fspath(builder.data_dir_root)
     manual_dir = os.path.join(data_dir, "downloads", "manual")
-    if not builder.is_prepared():
-        if not prepare:
-            raise DatasetError(_not_prepared_message(spec, data_dir, manual_dir))
+    if prepare and not builder.is_prepared():
         if importlib.util.find_spec("tensorflow") is None:
             raise DatasetError(f"Preparing {spec.tfds_name} needs TensorFlow: "
                                f"`pip install tensorflow-cpu`, then run again.")
@@ -127,12 +125,15 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str], prepare: 
         builder.download_and_prepare(file_format="array_record", download_config=download_config)
     try:
         source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
-    except Exception as error:  # e.g. prepared as TFRecord, which has no random access
+    except Exception as error:  # never prepared, or prepared as TFRecord (no random access)
+        if not builder.is_prepared():
+            raise DatasetError(_not_prepared_message(spec, data_dir, manual_dir)) from None
         raise DatasetError(f"Cannot read {spec.tfds_name} [{split}] from {data_dir}: {error}. "
                            f"fpcm-jax needs the ArrayRecord format: `tfds build "
                            f"{spec.tfds_name} --file_format=array_record`.") from error
     images, labels = [], []
-    for example in source:
+    for index in range(len(source)):
+        example = source[index]
         images.append(_fit_image(np.asarray(example["image"]), spec.image_size))
         labels.append(int(example["label"]))
     return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))

@@ -238,7 +238,7 @@ class _StopFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Train (or resume) in `workdir`; returns the final summary."""
     validate_config(config)
-    parallel.maybe_initialize_distributed(config.get("multihost", False))
+    parallel.maybe_initialize_distributed(config.multihost)
     main = parallel.is_main_process()
     model, spec = build_model(config)
     run = checkpoint.RunDirectory(workdir, model_description(config, spec.num_classes))
@@ -273,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
-    stop_after = config.train.get("stop_after_steps", 0)
+    stop_after = config.train.stop_after_steps
     pending = None  # metrics of the step before, fetched after the next one is dispatched
 
     def settle(pending):

@@ -1,0 +1,79 @@
+"""Images/second of the real jitted training step (PGD-10 + CE loss) on random data.
+
+    python benchmarks/train_step.py --model resnet18 --batch 128 [--no-fpcm] [--steps 5]
+
+Prints one JSON line: images_per_second (median over the timed steps after one warm-up step),
+compile_seconds, and the setup. Uses every local device (the batch is sharded over them).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from fpcm_jax import parallel, train  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--no-fpcm", action="store_true")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
+    parser.add_argument("--attack-steps", type=int, default=10)
+    parser.add_argument("--bn-mode", default="train", choices=train.BN_MODES)
+    args = parser.parse_args()
+
+    config = default.get_config()
+    config.model.name = args.model
+    config.model.fpcm = not args.no_fpcm
+    config.train.batch_size = args.batch
+    config.attack.steps = args.attack_steps
+    config.attack.bn_mode = args.bn_mode
+    steps_per_epoch = 1000
+    mesh = parallel.make_mesh()
+    model, spec = train.build_model(config)
+    tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
+    state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size),
+                           parallel.replicated(mesh))
+    step = train.jit_train_step(
+        train.make_train_step(model, tx, learning_rate, config, steps_per_epoch), mesh)
+    rng = np.random.default_rng(0)
+    sharded = parallel.batch_sharded(mesh)
+    batch = {"images": parallel.global_array(
+                 rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8), sharded),
+             "labels": parallel.global_array(
+                 rng.integers(0, spec.num_classes, (args.batch,)).astype(np.int32), sharded)}
+    key = jax.random.key(1)
+
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_seconds = time.perf_counter() - start
+    state, metrics = compiled(state, batch, key)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    print(json.dumps({
+        "benchmark": "train_step", "model": args.model, "fpcm": not args.no_fpcm,
+        "batch": args.batch, "attack_steps": args.attack_steps, "bn_mode": args.bn_mode,
+        "images_per_second": round(args.batch / median, 2),
+        "step_seconds_median": round(median, 4), "compile_seconds": round(compile_seconds, 2),
+        "timed_steps": args.steps, "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform, "jax": jax.__version__}))
+
+
+if __name__ == "__main__":
+    main()

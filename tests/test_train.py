@@ -1,0 +1,264 @@
+"""Training: sharded vs single device, no retracing, resume, schedules, losses, errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import tiny
+from fpcm_jax import checkpoint, data, losses, parallel, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**changes):
+    config = tiny.get_config()
+    config.model.widths = (8, 8, 8, 8)
+    config.attack.steps = 2
+    config.train.epochs = 2
+    config.eval.attack_steps = 1
+    config.train.final_test_attack_steps = 1
+    for key, value in changes.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+def random_batch(size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"images": rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8),
+            "labels": rng.integers(0, 10, (size,)).astype(np.int32)}
+
+
+def build_step(config, steps_per_epoch, mesh, trace_limit=None):
+    model, spec = train.build_model(config)
+    tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
+    step = train.make_train_step(model, tx, learning_rate, config, steps_per_epoch)
+    if trace_limit:
+        step = chex.assert_max_traces(step, n=trace_limit)
+    state = train.create_state(model, tx, jax.random.key(0), spec.image_size)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    return train.jit_train_step(step, mesh), state
+
+
+def run_steps(config, mesh, num_steps, steps_per_epoch=2, trace_limit=None):
+    step_fn, state = build_step(config, steps_per_epoch, mesh, trace_limit)
+    sharded = parallel.batch_sharded(mesh)
+    metrics = []
+    for i in range(num_steps):
+        batch = {k: parallel.global_array(v, sharded) for k, v in random_batch(seed=i).items()}
+        state, m = step_fn(state, batch, jax.random.key(7))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_four_device_step_matches_one_device(bn_mode):
+    assert jax.device_count() == 4
+    config = tiny_config(attack__bn_mode=bn_mode)
+    one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    state_4, metrics_4 = run_steps(config, parallel.make_mesh(), 2)
+    state_1, metrics_1 = run_steps(config, one, 2)
+    chex.assert_trees_all_close(state_4.params, state_1.params, rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(state_4.batch_stats, state_1.batch_stats, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(metrics_4[-1]["loss"], metrics_1[-1]["loss"], rtol=1e-4)
+
+
+def test_no_retrace_across_steps_epochs_and_cutoffs():
+    config = tiny_config(train__epochs=3)
+    _, metrics = run_steps(config, parallel.make_mesh(), 6, steps_per_epoch=2, trace_limit=1)
+    progress = [m["cutoff_progress"] for m in metrics]
+    np.testing.assert_allclose(progress, [1 / 3, 1 / 3, 2 / 3, 2 / 3, 1.0, 1.0], rtol=1e-6)
+    assert len({float(m["lr"]) for m in metrics}) == 3  # warm-up moves the LR every epoch
+
+
+def test_bn_modes_update_running_statistics_differently():
+    mesh = parallel.make_mesh()
+    stats = {mode: run_steps(tiny_config(attack__bn_mode=mode), mesh, 1)[0].batch_stats
+             for mode in train.BN_MODES}
+    first = lambda tree: np.asarray(tree["bn1"]["var"])
+    assert not np.allclose(first(stats["train"]), first(stats["batch_stats_frozen"]))
+    # frozen and eval both update only with the clean and the adversarial forward.
+    assert not np.allclose(first(stats["train"]), first(stats["eval"]))
+
+
+def official_lr_factor(epoch, total, kind, warmup=5):
+    """SPEC section 2, written out directly."""
+    if epoch < warmup:
+        return 0.1 + 0.9 * epoch / warmup
+    if kind == "multistep":
+        return 1.0 if epoch < int(0.7 * total) else 0.1 if epoch < int(0.9 * total) else 0.01
+    return (0.0001 + 0.5 * (0.01 - 0.0001) * (1 + math.cos((epoch - warmup) / (total - warmup)
+                                                           * math.pi))) / 0.01
+
+
+@pytest.mark.parametrize("kind", ["multistep", "cosine"])
+@pytest.mark.parametrize("total", [120, 60, 7])
+def test_lr_schedule_matches_official(kind, total):
+    for epoch in range(total):
+        np.testing.assert_allclose(train.lr_factor(epoch, total, 5, kind),
+                                   official_lr_factor(epoch, total, kind), rtol=1e-5, err_msg=epoch)
+
+
+def test_optimizer_is_pytorch_sgd_and_schedule_per_epoch():
+    config = tiny_config(train__lr=0.1, train__weight_decay=0.01, train__warmup_epochs=2,
+                         train__epochs=20)
+    tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch=3)
+    assert [float(learning_rate(s)) for s in (0, 2, 3, 6)] == pytest.approx(
+        [0.01, 0.01, 0.055, 0.1])
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([0.5, 0.25])}
+    state = tx.init(params)
+    buffer = np.zeros(2)
+    p = np.array([1.0, -2.0])
+    for step in range(3):  # PyTorch: g += wd*p; buf = 0.9 buf + g; p -= lr * buf
+        updates, state = tx.update(grads, state, params)
+        params = jax.tree.map(lambda a, b: a + b, params, updates)
+        buffer = 0.9 * buffer + (np.array([0.5, 0.25]) + 0.01 * p)
+        p = p - float(learning_rate(step)) * buffer
+        np.testing.assert_allclose(params["w"], p, rtol=1e-6)
+
+
+def test_cutoff_progress_counts_official_epochs_from_one():
+    assert float(train.cutoff_progress(0, 10, 120, "epoch")) == pytest.approx(1 / 120)
+    assert float(train.cutoff_progress(1199, 10, 120, "epoch")) == pytest.approx(1.0)
+    assert float(train.cutoff_progress(5, 10, 2, "step")) == pytest.approx(6 / 20)
+
+
+def numpy_softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_trades_and_mart_match_direct_formulas():
+    rng = np.random.default_rng(0)
+    clean, adv = rng.normal(size=(6, 5)) * 2, rng.normal(size=(6, 5)) * 2
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    p, q = numpy_softmax(clean), numpy_softmax(adv)
+    ce = lambda probs: -np.mean(np.log(probs[np.arange(6), labels]))
+    kl = np.sum(p * (np.log(p) - np.log(q)), axis=1)
+    np.testing.assert_allclose(losses.trades(clean, adv, labels, 6.0), ce(p) + 6.0 * kl.mean(),
+                               rtol=1e-5)
+    order = np.argsort(q, axis=1)
+    wrong = np.where(order[:, -1] == labels, order[:, -2], order[:, -1])
+    margin = -np.log(1.0001 - q[np.arange(6), wrong] + 1e-12)
+    kl_mart = np.sum(p * (np.log(p) - np.log(q + 1e-12)), axis=1)
+    expected = ce(q) + margin.mean() + 6.0 * np.mean(kl_mart * (1.0000001 - p[np.arange(6), labels]))
+    np.testing.assert_allclose(losses.mart(clean, adv, labels, 6.0), expected, rtol=1e-5)
+    np.testing.assert_allclose(losses.adversarial_loss("ce", clean, adv, labels, 6.0), ce(q),
+                               rtol=1e-5)
+
+
+def test_augmentation_keeps_labels_and_range():
+    labels = np.arange(8, dtype=np.int32)
+    images = np.repeat((labels * 30).astype(np.uint8)[:, None, None, None], 32, 1)
+    images = np.repeat(np.repeat(images, 32, 2), 3, 3)
+    images[:, :, :16] //= 2  # left half darker, so a flip is visible
+    out = np.asarray(data.augment(jnp.asarray(images), jax.random.key(3), padding=4, flip=True))
+    assert out.min() >= 0.0 and out.max() <= 1.0 and out.shape == (8, 32, 32, 3)
+    centre = out[:, 12:20, 12:20]  # never padding, whatever the crop
+    for i in range(8):
+        assert set(np.round(centre[i].ravel() * 255).astype(int)) <= {i * 30, i * 30 // 2}
+    # Each image is its padded original shifted by at most 4 pixels, mirrored or not.
+    padded = np.pad(images / 255.0, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for i in range(8):
+        candidates = [padded[i, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        candidates += [c[:, ::-1] for c in candidates]
+        assert min(np.abs(c - out[i]).max() for c in candidates) < 1e-6
+
+
+def test_offline_dataset_error_is_immediate_and_says_what_to_do(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", no_download)
+    with pytest.raises(data.DatasetError) as error:
+        data.load("cifar10", str(tmp_path))
+    message = str(error.value)
+    assert "not prepared" in message and "data_dir" in message
+    assert os.path.join(str(tmp_path), "downloads", "manual") in message
+
+
+def test_tfds_read_path_with_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=30):
+        train_split, val_split, test_split = data.load("cifar100", str(tmp_path),
+                                                       validation_size=6)
+    assert train_split.images.shape == (24, 32, 32, 3) and train_split.images.dtype == np.uint8
+    assert len(val_split) == 6 and len(test_split) == 30 and train_split.labels.max() < 100
+
+
+def test_digits_are_real_small_data():
+    train_split, val_split, test_split = data.load("digits", validation_size=100)
+    assert (len(train_split), len(val_split), len(test_split)) == (1400, 100, 297)
+    assert train_split.images.shape[1:] == (32, 32, 3) and set(train_split.labels) == set(range(10))
+
+
+def read_params(workdir, config):
+    model, spec = train.build_model(config)
+    tx, _ = train.make_optimizer(config.train, 10)
+    template = train.create_state(model, tx, jax.random.key(0), spec.image_size)
+    run = checkpoint.RunDirectory(workdir, train.model_description(config, spec.num_classes))
+    state, best = run.restore_latest(template)
+    return jax.device_get(state)
+
+
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
+    config = tiny_config()
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    stopped = train.train_and_evaluate(tiny_config(train__stop_after_steps=13),
+                                       str(tmp_path / "parts"))
+    assert stopped == {"stopped_at_step": 13, "reason": "train.stop_after_steps"}
+    resumed = train.train_and_evaluate(config, str(tmp_path / "parts"))
+    assert resumed["final_step"] == whole["final_step"] == 20
+    state_whole = read_params(str(tmp_path / "whole"), config)
+    state_parts = read_params(str(tmp_path / "parts"), config)
+    chex.assert_trees_all_close(state_whole.params, state_parts.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(state_whole.batch_stats, state_parts.batch_stats, rtol=1e-6)
+    assert resumed["test_clean_acc"] == whole["test_clean_acc"]
+    lines = [json.loads(l) for l in open(tmp_path / "parts" / "metrics.jsonl")]
+    assert [l["step"] for l in lines if "loss" in l] == list(range(1, 21))
+    for name in ("best_sum", "best_robust"):
+        assert os.path.exists(tmp_path / "parts" / name / "model.json")
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    train.train_and_evaluate(tiny_config(train__stop_after_steps=1), str(tmp_path))
+    with pytest.raises(ValueError, match="another model.*fpcm"):
+        train.train_and_evaluate(tiny_config(model__fpcm=False), str(tmp_path))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(train__lr=1e30, train__checkpoint_every_steps=1, train__warmup_epochs=0)
+    with pytest.raises(train.TrainingError, match="Loss became .* at step"):
+        train.train_and_evaluate(config, str(tmp_path))
+    steps = sorted(int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit())
+    assert steps and steps[-1] >= 1
+    state = read_params(str(tmp_path), config)
+    assert int(state.step) == steps[-1]
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    unknown = run_main("--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                       "--config.train.learning_rate=0.1")
+    assert unknown.returncode == 2 and "unknown config key 'learning_rate'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    missing = run_main("--config", "configs/nope.py", "--workdir", str(tmp_path))
+    assert missing.returncode == 2 and "configs/nope.py" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad_value = run_main("--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                         "--config.train.loss=hinge")
+    assert bad_value.returncode == 1 and "train.loss" in bad_value.stderr
+    assert "Traceback" not in bad_value.stderr and not os.listdir(tmp_path)
