@@ -241,10 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     parallel.maybe_initialize_distributed(config.multihost)
     main = parallel.is_main_process()
     model, spec = build_model(config)
-    run = checkpoint.RunDirectory(workdir, model_description(config, spec.num_classes))
     train_split, val_split, test_split = data.load(
         config.data.name, config.data.data_dir, config.data.validation_size,
         config.data.prepare, config.seed)
+    run = checkpoint.RunDirectory(workdir, model_description(config, spec.num_classes))
     batch_size = config.train.batch_size
     steps_per_epoch = len(train_split) // batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
