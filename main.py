@@ -41,11 +41,11 @@ def main(argv):
         raise app.UsageError("--workdir is required for --mode train.")
     from fpcm_jax import data, train
     try:
-        train.train_and_evaluate(config, FLAGS.workdir)
+        result = train.train_and_evaluate(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, data.DatasetError, train.TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed
 
 
 def parse_flags(argv):

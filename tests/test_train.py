@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -262,3 +264,23 @@ def test_cli_errors_are_one_line(tmp_path):
                          "--config.train.loss=hinge")
     assert bad_value.returncode == 1 and "train.loss" in bad_value.stderr
     assert "Traceback" not in bad_value.stderr and not os.listdir(tmp_path)
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
+    command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir",
+               str(tmp_path), "--config.model.widths=(8,8,8,8)", "--config.attack.steps=2",
+               "--config.train.epochs=50"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert "Stopped at step" in stdout and "run the same command to resume" in stdout
+    saved = [int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()]
+    assert len(saved) == 1 and 2 <= saved[0] < 500
+    assert not (tmp_path / "summary.json").exists()

@@ -58,10 +58,15 @@ class ResNet(nn.Module):
         out = normalize(x.astype(jnp.float32), self.mean, self.std).astype(self.dtype)
         out = conv(self.widths[0], 3, 1, "conv1", dtype=self.dtype)(out)
         out = nn.relu(BatchNorm(name="bn1")(out, not train))
-        for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths), 1):
+        if len(self.stage_sizes) != len(self.widths):
+            raise ValueError(f"ResNet needs one width per stage; got stage_sizes "
+                             f"{self.stage_sizes} and widths {self.widths}.")
+        stages = zip(self.stage_sizes, self.widths, strict=True)
+        for stage, (num_blocks, width) in enumerate(stages, 1):
             for block in range(num_blocks):
                 stride = 2 if stage > 1 and block == 0 else 1
-                out = BasicBlock(width, stride, self.dtype, name=f"layer{stage}_{block}")(out, train)
+                name = f"layer{stage}_{block}"
+                out = BasicBlock(width, stride, self.dtype, name=name)(out, train)
             if self.fpcm:
                 out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
                            name=f"attn{stage}")(out, progress)
