@@ -1,7 +1,9 @@
-"""fpcm-jax command line: train, or describe the model a config builds.
+"""fpcm-jax command line: train, evaluate, or describe the model a config builds.
 
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18          # train
-    python main.py --config configs/tiny.py --workdir runs/tiny --config.train.epochs=2
+    python main.py --config configs/cifar10_resnet18.py --workdir runs/r18 --mode eval --attack pgd50
+    python main.py --config configs/cifar10_resnet18.py --mode eval --attack autoattack \
+        --checkpoint runs/official_r18 --workdir runs/official_r18
     python main.py --config configs/cifar10_resnet18.py --mode info                 # model only
 """
 
@@ -14,15 +16,24 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "info"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "info"], "What to do.")
+flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, pgdN, cwN, "
+                    "apgd-ce, apgd-t, fab-t, square, autoattack).")
+flags.DEFINE_string("checkpoint", None, "eval: checkpoint directory (default: the workdir's "
+                    "best_robust/, else best_sum/).")
+flags.DEFINE_float("eps", None, "eval: L-inf radius (default: config.attack.eps = 8/255).")
+flags.DEFINE_integer("num_examples", None, "eval: the first N examples (default: all).")
+flags.DEFINE_integer("batch_size", None, "eval: batch size (default: config.eval.batch_size).")
+flags.DEFINE_integer("seed", 0, "eval: random seed of the attacks.")
+flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "eval: which split.")
 flags.mark_flags_as_required(["config"])
 
 
 def describe(config) -> None:
     import jax
 
-    from fpcm_jax import convert, train
-    model, spec = train.build_model(config)
+    from fpcm_jax import convert, models
+    model, spec = models.build(config)
     params = convert.variables_template(model, spec.image_size)["params"]
     count = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
     print(f"{config.model.name} (FPCM: {config.model.fpcm}) for {config.data.name}: "
@@ -38,9 +49,15 @@ def main(argv):
         describe(config)
         return 0
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required for --mode train.")
-    from fpcm_jax import data, train
+        raise app.UsageError(f"--workdir is required for --mode {FLAGS.mode}.")
+    from fpcm_jax import data, evaluate, train
     try:
+        if FLAGS.mode == "eval":
+            names = evaluate.parse_attack_names(FLAGS.attack)
+            evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
+                                    FLAGS.num_examples, FLAGS.batch_size, FLAGS.eps, FLAGS.seed,
+                                    FLAGS.split)
+            return 0
         result = train.train_and_evaluate(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, data.DatasetError, train.TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)

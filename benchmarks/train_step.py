@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from fpcm_jax import parallel, train  # noqa: E402
+from fpcm_jax import models, parallel, train  # noqa: E402
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
     config.attack.bn_mode = args.bn_mode
     steps_per_epoch = 1000
     mesh = parallel.make_mesh()
-    model, spec = train.build_model(config)
+    model, spec = models.build(config)
     tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
     state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size),
                            parallel.replicated(mesh))

@@ -1,4 +1,5 @@
-"""Accuracy of a model over a whole split, clean and under an attack (eval mode, final cutoff).
+"""Robust evaluation: accuracy over a whole split, clean and under attacks (eval mode, final
+cutoff), and the `main.py --mode eval` report.
 
 The last batch is padded and masked, so every example counts exactly once. A point counts as
 robust only if it is classified correctly both clean and under the attack (AutoAttack's
@@ -7,15 +8,19 @@ convention), so robust accuracy never exceeds clean accuracy.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from tqdm import tqdm
 
-from fpcm_jax import attacks, data, parallel
+from fpcm_jax import attacks, checkpoint, convert, data, models, parallel
 
 
 def make_eval_step(model: nn.Module, attack: Callable, mesh) -> Callable:
@@ -65,3 +70,129 @@ def pgd_eval_step(model: nn.Module, mesh, steps: int, eps: float = 8 / 255,
     attack = attacks.get(f"pgd{steps}" if steps else "none",
                          **({"eps": eps, "step_size": step_size} if steps else {}))
     return make_eval_step(model, attack, mesh)
+
+
+AUTOATTACK_COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def parse_attack_names(text: str) -> List[str]:
+    """'pgd20,autoattack' -> ['pgd20', 'autoattack']; an unknown name is a clear error."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in ("autoattack",) + AUTOATTACK_COMPONENTS:
+            attacks.get(name)  # raises ValueError listing the valid names
+    if not names:
+        raise ValueError(f"--attack is empty; valid: {', '.join(attacks.ATTACK_NAMES)}.")
+    return names
+
+
+def default_checkpoint(workdir: str) -> str:
+    """The best checkpoint of a training run: best_robust, else best_sum."""
+    for name in ("best_robust", "best_sum"):
+        path = os.path.join(workdir, name)
+        if os.path.exists(os.path.join(path, checkpoint.MODEL_INFO_FILE)):
+            return path
+    raise FileNotFoundError(f"No best checkpoint (best_robust/ or best_sum/) in {workdir}; "
+                            f"train there first or pass --checkpoint PATH (e.g. a directory "
+                            f"written by `python -m fpcm_jax.convert`).")
+
+
+def run_evaluation(config, workdir: str, attack_names: List[str],
+                   checkpoint_path: Optional[str] = None, num_examples: Optional[int] = None,
+                   batch_size: Optional[int] = None, eps: Optional[float] = None,
+                   seed: int = 0, split: str = "test") -> Dict[str, Any]:
+    """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report."""
+    model, spec = models.build(config)
+    path = checkpoint_path or default_checkpoint(workdir)
+    template = convert.variables_template(model, spec.image_size)
+    variables, info = checkpoint.load_variables(path, template)
+    train_split, val_split, test_split = data.load(
+        config.data.name, config.data.data_dir, config.data.validation_size,
+        config.data.prepare, config.seed)
+    chosen = {"test": test_split, "validation": val_split, "train": train_split}[split]
+    count = len(chosen) if num_examples is None else min(num_examples, len(chosen))
+    subset = data.Split(chosen.images[:count], chosen.labels[:count])
+    eps = config.attack.eps if eps is None else eps
+    batch_size = batch_size or config.eval.batch_size
+    mesh = parallel.make_mesh()
+    key = jax.random.key(seed)
+    logits_fn = lambda params, x: model.apply(params, x, train=False, progress=1.0)
+    report = {"model": model_description(config, spec), "checkpoint": os.path.abspath(path),
+              "checkpoint_info": info, "split": split, "examples": count, "eps": eps,
+              "seed": seed, "batch_size": batch_size, "attacks": {}, "warnings": []}
+    main = parallel.is_main_process()
+    for index, name in enumerate(attack_names):
+        attack_key = jax.random.fold_in(key, index)
+        start = time.time()
+        if name == "autoattack" or name in AUTOATTACK_COMPONENTS:
+            components = AUTOATTACK_COMPONENTS if name == "autoattack" else (name,)
+            shout = (lambda part, acc: print(f"  {name}: after {part} robust accuracy "
+                                             f"{acc:.4f}", flush=True)) if main else None
+            result = attacks.autoattack(logits_fn, data.to_float(subset.images), subset.labels,
+                                        attack_key, eps, params=variables,
+                                        attacks_to_run=components, batch_size=batch_size,
+                                        mesh=mesh, progress=shout)
+            entry = {"clean_acc": result["clean_accuracy"], "robust_acc": result["robust_accuracy"],
+                     "accuracy_after": result["accuracy_after"],
+                     "parameters": _autoattack_parameters(eps)}
+            report["warnings"] += [f"{name}: {w}" for w in result["warnings"]]
+        else:
+            options = {} if name == "none" else {"eps": eps}
+            if name.startswith(("pgd", "cw")):
+                options["step_size"] = 2 / 255
+            step = make_eval_step(model, attacks.get(name, **options), mesh)
+            bar = tqdm(total=count, desc=name, disable=not main, file=sys.stdout)
+
+            def show(done, clean, robust, bar=bar):
+                bar.update(done - bar.n)
+                bar.set_postfix(clean=f"{clean / done:.4f}", robust=f"{robust / done:.4f}")
+
+            result = evaluate_split(step, variables, subset, batch_size, attack_key, mesh,
+                                    progress=show)
+            bar.close()
+            entry = {"clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"],
+                     "parameters": {**options, "random_start": name.startswith(("pgd", "cw"))}}
+        entry["seconds"] = round(time.time() - start, 2)
+        entry["images_per_second"] = round(count / max(entry["seconds"], 1e-9), 2)
+        report["attacks"][name] = entry
+    if main:
+        _print_table(report)
+        report["report_path"] = _write_report(workdir, report)
+    return report
+
+
+def model_description(config, spec) -> Dict[str, Any]:
+    return {"name": config.model.name, "fpcm": config.model.fpcm, "dataset": config.data.name,
+            "num_classes": spec.num_classes}
+
+
+def _autoattack_parameters(eps: float) -> Dict[str, Any]:
+    return {"version": "standard", "eps": eps, "apgd": {"n_iter": 100, "rho": 0.75,
+            "momentum": 0.75, "initial_step": "2 eps", "restarts": 1},
+            "apgd-t": {"targets": 9, "n_iter": 100}, "fab-t": {"targets": 9, "n_iter": 100,
+            "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}, "square": {"n_queries": 5000,
+            "p_init": 0.8}}
+
+
+def _print_table(report: Dict[str, Any]) -> None:
+    print(f"\n{report['model']['name']} (FPCM {report['model']['fpcm']}) on "
+          f"{report['model']['dataset']} {report['split']}, {report['examples']} images, "
+          f"eps {report['eps']:.5f}")
+    print(f"{'attack':<12} {'clean':>8} {'robust':>8} {'seconds':>9} {'img/s':>8}")
+    for name, entry in report["attacks"].items():
+        print(f"{name:<12} {100 * entry['clean_acc']:>7.2f}% {100 * entry['robust_acc']:>7.2f}% "
+              f"{entry['seconds']:>9.1f} {entry['images_per_second']:>8.2f}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
+
+
+def _write_report(workdir: str, report: Dict[str, Any]) -> str:
+    """eval_<attacks>.json in the workdir, written whole or not at all."""
+    os.makedirs(workdir, exist_ok=True)
+    name = "eval_" + "_".join(report["attacks"]) + ".json"
+    path = os.path.join(workdir, name)
+    with open(path + ".partial", "w") as handle:
+        json.dump(report, handle, indent=2)
+    os.replace(path + ".partial", path)
+    print(f"Report: {path}")
+    return path

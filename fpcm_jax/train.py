@@ -218,12 +218,6 @@ def model_description(config: ml_collections.ConfigDict, num_classes: int) -> Di
     return description
 
 
-def build_model(config: ml_collections.ConfigDict) -> Tuple[nn.Module, data.DatasetSpec]:
-    spec = data.get_spec(config.data.name)
-    mean, std = data.normalization(config.model.normalization, spec)
-    return models.from_config(config.model, spec.num_classes, mean, std), spec
-
-
 class _StopFlag:
     """Set by SIGTERM: the loop saves a resumable checkpoint and exits."""
 
@@ -239,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     validate_config(config)
     parallel.maybe_initialize_distributed(config.multihost)
     main = parallel.is_main_process()
-    model, spec = build_model(config)
+    model, spec = models.build(config)
     train_split, val_split, test_split = data.load(
         config.data.name, config.data.data_dir, config.data.validation_size,
         config.data.prepare, config.seed)

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import tiny
-from fpcm_jax import checkpoint, data, losses, parallel, train
+from fpcm_jax import checkpoint, data, losses, models, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def random_batch(size=8, seed=0):
 
 
 def build_step(config, steps_per_epoch, mesh, trace_limit=None):
-    model, spec = train.build_model(config)
+    model, spec = models.build(config)
     tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
     step = train.make_train_step(model, tx, learning_rate, config, steps_per_epoch)
     if trace_limit:
@@ -204,7 +204,7 @@ def test_digits_are_real_small_data():
 
 
 def read_params(workdir, config):
-    model, spec = train.build_model(config)
+    model, spec = models.build(config)
     tx, _ = train.make_optimizer(config.train, 10)
     template = train.create_state(model, tx, jax.random.key(0), spec.image_size)
     run = checkpoint.RunDirectory(workdir, train.model_description(config, spec.num_classes))

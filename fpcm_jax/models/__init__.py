@@ -6,6 +6,7 @@ import re
 
 from flax import linen as nn
 
+from fpcm_jax import data
 from fpcm_jax.models.resnet import ResNet
 from fpcm_jax.models.wide_resnet import WideResNet
 
@@ -46,4 +47,11 @@ def from_config(model_config, num_classes: int, mean=None, std=None) -> nn.Modul
                   cutoff_end=model_config.cutoff_end, mean=mean, std=std, **extra)
 
 
-__all__ = ["create", "from_config", "ResNet", "WideResNet", "MODEL_NAMES"]
+def build(config):
+    """(model, dataset spec) for an experiment config: its model on its dataset."""
+    spec = data.get_spec(config.data.name)
+    mean, std = data.normalization(config.model.normalization, spec)
+    return from_config(config.model, spec.num_classes, mean, std), spec
+
+
+__all__ = ["build", "create", "from_config", "ResNet", "WideResNet", "MODEL_NAMES"]

@@ -1,0 +1,215 @@
+"""Auto-PGD (Croce and Hein, 2020), L-inf, with the published parameters and schedule.
+
+    x_adv, robust = apgd(logits_fn, x, y, key, eps=8/255, loss="ce")          # APGD-CE
+    x_adv, robust = apgd_targeted(logits_fn, x, y, key, eps=8/255)             # APGD-T
+
+One run: random start in the eps-ball, first step size 2*eps, momentum 0.75 (none on the first
+step), best-loss point tracking, and at checkpoints (first after 22% of the iterations, then
+shrinking by 3% down to 6%) the step size of a point is halved and it restarts from its best
+point if its loss went up in at most rho = 75% of the steps since the last checkpoint, or if the
+last checkpoint did not halve it and its best loss did not improve. The loop is a
+`lax.fori_loop` (100 iterations would make an unrolled graph too large to compile).
+
+`robust` is False for points found misclassified at any iterate; `x_adv` holds that iterate for
+them and the clean image otherwise, as the reference implementation returns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Untargeted DLR: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3 + 1e-12), per example."""
+    ordered = jnp.sort(logits, axis=1)
+    true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    top_is_true = jnp.argmax(logits, axis=1) == labels
+    best_other = jnp.where(top_is_true, ordered[:, -2], ordered[:, -1])
+    return -(true - best_other) / (ordered[:, -1] - ordered[:, -3] + 1e-12)
+
+
+def dlr_targeted_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+    """Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12), per example."""
+    ordered = jnp.sort(logits, axis=1)
+    true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    target = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+    return -(true - target) / (ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + 1e-12)
+
+
+def checkpoint_schedule(n_iter: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(is_checkpoint[i], window k at i) for iterations i = 0..n_iter-1, as published.
+
+    The first checkpoint comes after k = max(int(0.22 n), 1) iterations; each next window is
+    k - max(int(0.03 n), 1), never below max(int(0.06 n), 1).
+    """
+    k = max(int(0.22 * n_iter), 1)
+    k_min, k_step = max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+    is_checkpoint = np.zeros(n_iter, bool)
+    window = np.zeros(n_iter, np.int32)
+    counter = 0
+    for i in range(n_iter):
+        counter += 1
+        if counter == k:
+            is_checkpoint[i], window[i] = True, k
+            k = max(k - k_step, k_min)
+            counter = 0
+    return is_checkpoint, window
+
+
+class _State(NamedTuple):
+    x_adv: jax.Array
+    x_old: jax.Array
+    grad: jax.Array
+    x_best: jax.Array
+    grad_best: jax.Array
+    loss_best: jax.Array
+    x_best_adv: jax.Array
+    robust: jax.Array
+    step_size: jax.Array
+    loss_steps: jax.Array
+    loss_best_last_check: jax.Array
+    reduced_last_check: jax.Array
+
+
+def example_keys(key: jax.Array, batch: int) -> jax.Array:
+    """One key per example: a batch of keys is used as is, a single key is split.
+
+    AutoAttack passes keys derived from each example's index, so a point gets the same random
+    start whatever batch it lands in.
+    """
+    return key if key.ndim == 1 else jax.random.split(key, batch)
+
+
+def _per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
+    return mask.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax.Array,
+             y: jax.Array, key: jax.Array, eps: float, n_iter: int = 100,
+             rho: float = 0.75) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """One APGD run on loss_fn(x) -> (per-example loss, logits).
+
+    Returns (x_best_adv, robust, gradient at the start) for each example.
+    """
+    grad_fn = jax.grad(lambda inputs: _sum_loss(loss_fn, inputs), has_aux=True)
+
+    def evaluate(inputs):
+        grad, (loss, logits) = grad_fn(inputs)
+        return grad, loss, jnp.argmax(logits, axis=1) == y
+
+    box = lambda z: jnp.clip(jnp.clip(z, x - eps, x + eps), 0.0, 1.0)
+    keys = example_keys(key, x.shape[0])
+    noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(keys)
+    scale = jnp.max(jnp.abs(noise).reshape(x.shape[0], -1), axis=1) + 1e-12
+    x_adv = jnp.clip(x + eps * noise / _per_example(scale, x), 0.0, 1.0)
+    grad, loss, correct = evaluate(x_adv)
+    start_grad = grad
+    batch = x.shape[0]
+    state = _State(x_adv=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad,
+                   loss_best=loss, x_best_adv=x_adv, robust=correct,
+                   step_size=jnp.full((batch,), 2.0 * eps, x.dtype),
+                   loss_steps=jnp.zeros((n_iter, batch), loss.dtype),
+                   loss_best_last_check=loss, reduced_last_check=jnp.ones((batch,), bool))
+    is_checkpoint, window = (jnp.asarray(a) for a in checkpoint_schedule(n_iter))
+    max_window = int(np.max(checkpoint_schedule(n_iter)[1]))
+
+    def body(i, s: _State) -> _State:
+        momentum = jnp.where(i > 0, 0.75, 1.0)
+        step = _per_example(s.step_size, x)
+        x_1 = box(s.x_adv + step * jnp.sign(s.grad))
+        x_new = box(s.x_adv + (x_1 - s.x_adv) * momentum + (s.x_adv - s.x_old) * (1 - momentum))
+        grad, loss, correct = evaluate(x_new)
+        robust = s.robust & correct
+        x_best_adv = jnp.where(_per_example(~correct, x), x_new, s.x_best_adv)
+        improved = loss > s.loss_best
+        x_best = jnp.where(_per_example(improved, x), x_new, s.x_best)
+        grad_best = jnp.where(_per_example(improved, x), grad, s.grad_best)
+        loss_best = jnp.where(improved, loss, s.loss_best)
+        loss_steps = s.loss_steps.at[i].set(loss)
+        s = s._replace(x_adv=x_new, x_old=s.x_adv, grad=grad, x_best=x_best,
+                       grad_best=grad_best, loss_best=loss_best, x_best_adv=x_best_adv,
+                       robust=robust, loss_steps=loss_steps)
+        return jax.lax.cond(is_checkpoint[i], lambda t: _check(t, i, window[i]), lambda t: t, s)
+
+    def _check(s: _State, i, k) -> _State:
+        # Count increases of the loss over the last k steps (indices wrap as in the reference).
+        offsets = jnp.arange(max_window)
+        rows = (i - offsets) % n_iter
+        previous = (i - offsets - 1) % n_iter
+        increases = (s.loss_steps[rows] > s.loss_steps[previous]) & (offsets < k)[:, None]
+        oscillating = jnp.sum(increases, axis=0) <= k * rho
+        stalled = ~s.reduced_last_check & (s.loss_best_last_check >= s.loss_best)
+        reduce = oscillating | stalled
+        return s._replace(
+            step_size=jnp.where(reduce, s.step_size / 2.0, s.step_size),
+            x_adv=jnp.where(_per_example(reduce, x), s.x_best, s.x_adv),
+            grad=jnp.where(_per_example(reduce, x), s.grad_best, s.grad),
+            reduced_last_check=reduce, loss_best_last_check=s.loss_best)
+
+    state = jax.lax.fori_loop(0, n_iter, body, state)
+    return jax.lax.stop_gradient(state.x_best_adv), state.robust, start_grad
+
+
+def _sum_loss(loss_fn, inputs):
+    loss, logits = loss_fn(inputs)
+    return loss.sum(), (loss, logits)
+
+
+def apgd_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
+               key: jax.Array, eps: float = 8 / 255, n_iter: int = 100, loss: str = "ce",
+               target_rank=2, rho: float = 0.75):
+    """One APGD run on the points classified correctly: (x_adv, robust, zero-gradient flags).
+
+    loss: 'ce', 'dlr', or 'dlr-targeted' against the class ranked `target_rank` (2 = the most
+    likely wrong class at the clean point; may be a traced value).
+    """
+    clean_logits = logits_fn(x)
+    if loss == "ce":
+        per_example = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y)
+    elif loss == "dlr":
+        per_example = lambda z: dlr_loss(z, y)
+    elif loss == "dlr-targeted":
+        ranked = jnp.argsort(clean_logits, axis=1)
+        targets = jnp.take(ranked, clean_logits.shape[1] - target_rank, axis=1)
+        per_example = lambda z: dlr_targeted_loss(z, y, targets)
+    else:
+        raise ValueError(f"Unknown APGD loss {loss!r}; use 'ce', 'dlr' or 'dlr-targeted'.")
+
+    def loss_fn(inputs):
+        logits = logits_fn(inputs)
+        return per_example(logits), logits
+
+    clean_correct = jnp.argmax(clean_logits, axis=1) == y
+    x_adv, robust, grad = apgd_run(loss_fn, x, y, key, eps, n_iter, rho)
+    fooled = clean_correct & ~robust
+    x_out = jnp.where(_per_example(fooled, x), x_adv, x)
+    zero_grad = clean_correct & (jnp.sum(jnp.abs(grad).reshape(x.shape[0], -1), axis=1) == 0)
+    return x_out, clean_correct & robust, zero_grad
+
+
+def apgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
+         key: jax.Array, eps: float = 8 / 255, n_iter: int = 100, loss: str = "ce",
+         rho: float = 0.75) -> jax.Array:
+    """APGD-CE (loss='ce') or APGD-DLR (loss='dlr'), one restart; returns x_adv."""
+    return apgd_stage(logits_fn, x, y, key, eps, n_iter, loss, rho=rho)[0]
+
+
+def apgd_targeted(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
+                  key: jax.Array, eps: float = 8 / 255, n_iter: int = 100,
+                  n_target_classes: int = 9, rho: float = 0.75) -> jax.Array:
+    """APGD-T: targeted DLR against the 2nd, 3rd, ... most likely classes in turn, each run
+    only changing points still robust; returns x_adv."""
+    robust = jnp.argmax(logits_fn(x), axis=1) == y
+    x_out = x
+    for index, target_rank in enumerate(range(2, n_target_classes + 2)):
+        x_adv, still, _ = apgd_stage(logits_fn, x, y, jax.random.fold_in(key, index), eps,
+                                     n_iter, "dlr-targeted", target_rank, rho)
+        fooled = robust & ~still
+        x_out = jnp.where(_per_example(fooled, x), x_adv, x_out)
+        robust = robust & still
+    return x_out

@@ -1,0 +1,90 @@
+"""Square Attack (Andriushchenko et al., 2020), L-inf, as run in AutoAttack's standard version.
+
+Score-based: 5,000 queries, p_init = 0.8, margin loss. Start: vertical stripes of +-eps (one
+sign per column and channel). Each query changes one square window, at a random position and
+with a random +-2 eps sign per channel, the same for every image of the batch; an image keeps
+the change if its margin loss drops (or it becomes misclassified). The window side follows the
+published schedule of p (halved after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000
+queries). Stops early once every image is misclassified.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fpcm_jax.attacks.apgd import example_keys
+
+_P_BOUNDARIES = jnp.asarray([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
+
+
+def p_selection(iteration, p_init: float = 0.8):
+    """p_init / 2^(number of schedule boundaries passed), the published schedule."""
+    halvings = jnp.sum(_P_BOUNDARIES < iteration)
+    return p_init / (2.0 ** halvings)
+
+
+def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """z_y - max_{i != y} z_i (negative means misclassified)."""
+    true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(labels, logits.shape[1], dtype=bool), -jnp.inf, logits)
+    return true - others.max(axis=1)
+
+
+def square_attack(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
+                  key: jax.Array, eps: float = 8 / 255, n_queries: int = 5000,
+                  p_init: float = 0.8) -> jax.Array:
+    """Square Attack; returns x_adv (the clean image where it failed)."""
+    return square_stage(logits_fn, x, y, key, eps, n_queries, p_init)[0]
+
+
+def square_stage(logits_fn, x, y, key, eps=8 / 255, n_queries=5000, p_init=0.8,
+                 shared_key=None):
+    """(x_adv, robust) for the points classified correctly.
+
+    key: one key, or one per example (their initial stripes); shared_key, when given, drives
+    the window positions and signs shared by the batch (so they do not depend on the batch).
+    """
+    batch, height, width, channels = x.shape
+    per_example = lambda m: m.reshape((-1,) + (1,) * (x.ndim - 1))
+    correct = jnp.argmax(logits_fn(x), axis=1) == y
+    keys = example_keys(key, batch)
+    loop_key = jax.random.fold_in(keys[0], 1) if shared_key is None else shared_key
+    stripes = jax.vmap(lambda k: jax.random.choice(
+        k, jnp.array([-1.0, 1.0]), (1, width, channels)))(keys)
+    x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
+    margin_min = jnp.where(correct, margin(logits_fn(x_best), y), -1.0)
+    rows = jnp.arange(height)[:, None, None]
+    cols = jnp.arange(width)[None, :, None]
+
+    def keep_going(state):
+        i, _, margin_min = state
+        return (i < n_queries) & jnp.any(margin_min > 0)
+
+    def body(state):
+        i, x_best, margin_min = state
+        position_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i))
+        p = p_selection(i, p_init)
+        side = jnp.round(jnp.sqrt(p * height * width)).astype(jnp.int32)
+        side = jnp.clip(side, 1, min(height, width))
+        corner = jnp.floor(jax.random.uniform(position_key, (2,)) *
+                           jnp.stack([height - side, width - side])).astype(jnp.int32)
+        window = ((rows >= corner[0]) & (rows < corner[0] + side) &
+                  (cols >= corner[1]) & (cols < corner[1] + side))
+        signs = jax.random.choice(sign_key, jnp.array([-1.0, 1.0]), (1, 1, channels))
+        delta = jnp.where(window, 2.0 * eps * signs, 0.0)
+        x_new = jnp.clip(jnp.clip(x_best + delta, x - eps, x + eps), 0.0, 1.0)
+        new_margin = margin(logits_fn(x_new), y)
+        active = margin_min > 0
+        accept = active & ((new_margin < margin_min) | (new_margin <= 0))
+        x_best = jnp.where(per_example(accept), x_new, x_best)
+        margin_min = jnp.where(accept, new_margin, margin_min)
+        return i + 1, x_best, margin_min
+
+    _, x_best, _ = jax.lax.while_loop(keep_going, body, (0, x_best, margin_min))
+    x_best = jax.lax.stop_gradient(x_best)
+    still = jnp.argmax(logits_fn(x_best), axis=1) == y
+    robust = correct & still
+    return jnp.where(per_example(robust | ~correct), x, x_best), robust
