@@ -133,6 +133,27 @@ def from_official(source: Union[str, os.PathLike, Mapping[str, Any]], model: nn.
     return variables
 
 
+def to_official(variables: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Flax variables -> an official-layout PyTorch state_dict of numpy arrays (the inverse of
+    `from_official`), e.g. to run PyTorch tools such as the official AutoAttack on our models.
+
+    Depthwise FPCM projections become (C, 1, 1), dense ones (C, C, 1), as the official Conv1d.
+    `num_batches_tracked` entries are not produced (load with strict=False).
+    """
+    state = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in traverse_util.flatten_dict(variables.get(collection, {})).items():
+            value = np.asarray(value, np.float32)
+            if value.ndim == 4:
+                value = value.transpose(3, 2, 0, 1)
+            elif value.ndim == 2:
+                value = value.T
+            if path[-2:-1] == ("projection",) and path[-1] == "kernel":
+                value = value.reshape(value.shape + (1,) * (3 - value.ndim))
+            state[torch_key(collection, path)] = np.ascontiguousarray(value)
+    return state
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fpcm_jax.convert",

@@ -100,8 +100,14 @@ def default_checkpoint(workdir: str) -> str:
 def run_evaluation(config, workdir: str, attack_names: List[str],
                    checkpoint_path: Optional[str] = None, num_examples: Optional[int] = None,
                    batch_size: Optional[int] = None, eps: Optional[float] = None,
-                   seed: int = 0, split: str = "test") -> Dict[str, Any]:
-    """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report."""
+                   seed: int = 0, split: str = "test",
+                   autoattack_options: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report.
+
+    autoattack_options (n_iter, n_queries, n_target_classes) depart from the published
+    parameters: for quick checks only; the report records them.
+    """
+    autoattack_options = dict(autoattack_options or {})
     model, spec = models.build(config)
     path = checkpoint_path or default_checkpoint(workdir)
     template = convert.variables_template(model, spec.image_size)
@@ -131,10 +137,10 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
             result = attacks.autoattack(logits_fn, data.to_float(subset.images), subset.labels,
                                         attack_key, eps, params=variables,
                                         attacks_to_run=components, batch_size=batch_size,
-                                        mesh=mesh, progress=shout)
+                                        mesh=mesh, progress=shout, **autoattack_options)
             entry = {"clean_acc": result["clean_accuracy"], "robust_acc": result["robust_accuracy"],
                      "accuracy_after": result["accuracy_after"],
-                     "parameters": _autoattack_parameters(eps)}
+                     "parameters": _autoattack_parameters(eps, autoattack_options)}
             report["warnings"] += [f"{name}: {w}" for w in result["warnings"]]
         else:
             options = {} if name == "none" else {"eps": eps}
@@ -166,12 +172,16 @@ def model_description(config, spec) -> Dict[str, Any]:
             "num_classes": spec.num_classes}
 
 
-def _autoattack_parameters(eps: float) -> Dict[str, Any]:
-    return {"version": "standard", "eps": eps, "apgd": {"n_iter": 100, "rho": 0.75,
-            "momentum": 0.75, "initial_step": "2 eps", "restarts": 1},
-            "apgd-t": {"targets": 9, "n_iter": 100}, "fab-t": {"targets": 9, "n_iter": 100,
-            "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}, "square": {"n_queries": 5000,
-            "p_init": 0.8}}
+def _autoattack_parameters(eps: float, changed: Dict[str, int]) -> Dict[str, Any]:
+    n_iter = changed.get("n_iter", 100)
+    targets = changed.get("n_target_classes", 9)
+    return {"version": "standard" if not changed else f"changed: {changed}", "eps": eps,
+            "apgd": {"n_iter": n_iter, "rho": 0.75, "momentum": 0.75, "initial_step": "2 eps",
+                     "restarts": 1},
+            "apgd-t": {"targets": targets, "n_iter": n_iter},
+            "fab-t": {"targets": targets, "n_iter": n_iter, "alpha_max": 0.1, "eta": 1.05,
+                      "beta": 0.9},
+            "square": {"n_queries": changed.get("n_queries", 5000), "p_init": 0.8}}
 
 
 def _print_table(report: Dict[str, Any]) -> None:

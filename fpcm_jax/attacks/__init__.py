@@ -15,7 +15,8 @@ import functools
 import re
 from typing import Callable
 
-from fpcm_jax.attacks.apgd import apgd, apgd_stage, apgd_targeted, dlr_loss, dlr_targeted_loss
+from fpcm_jax.attacks.apgd import (apgd, apgd_stage, apgd_targeted, checkpoint_schedule, dlr_loss,
+                                   dlr_targeted_loss)
 from fpcm_jax.attacks.autoattack import STANDARD, autoattack
 from fpcm_jax.attacks.fab import fab_targeted, fab_targeted_stage, projection_linf
 from fpcm_jax.attacks.pgd import cw, cw_margin, fgsm, pgd, pgd_iterate, project, uniform_start
@@ -53,5 +54,5 @@ def get(name: str, **options) -> Callable:
 
 __all__ = ["get", "autoattack", "STANDARD", "ATTACK_NAMES", "pgd", "fgsm", "cw", "cw_margin",
            "pgd_iterate", "project", "uniform_start", "apgd", "apgd_stage", "apgd_targeted",
-           "dlr_loss", "dlr_targeted_loss", "fab_targeted", "fab_targeted_stage",
+           "checkpoint_schedule", "dlr_loss", "dlr_targeted_loss", "fab_targeted", "fab_targeted_stage",
            "projection_linf", "square_attack", "square_stage", "p_selection"]

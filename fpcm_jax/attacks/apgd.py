@@ -7,8 +7,8 @@ One run: random start in the eps-ball, first step size 2*eps, momentum 0.75 (non
 step), best-loss point tracking, and at checkpoints (first after 22% of the iterations, then
 shrinking by 3% down to 6%) the step size of a point is halved and it restarts from its best
 point if its loss went up in at most rho = 75% of the steps since the last checkpoint, or if the
-last checkpoint did not halve it and its best loss did not improve. The loop is a
-`lax.fori_loop` (100 iterations would make an unrolled graph too large to compile).
+last checkpoint did not halve it and its best loss did not improve. The loop is unrolled on CPU
+and a `lax.fori_loop` elsewhere (`pgd.fixed_loop`).
 
 `robust` is False for points found misclassified at any iterate; `x_adv` holds that iterate for
 them and the clean image otherwise, as the reference implementation returns.
@@ -16,12 +16,14 @@ them and the clean image otherwise, as the reference implementation returns.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from fpcm_jax.attacks.pgd import fixed_loop
 
 
 def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -91,7 +93,8 @@ def _per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
 
 def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax.Array,
              y: jax.Array, key: jax.Array, eps: float, n_iter: int = 100,
-             rho: float = 0.75) -> Tuple[jax.Array, jax.Array, jax.Array]:
+             rho: float = 0.75, unroll: Optional[bool] = None
+             ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """One APGD run on loss_fn(x) -> (per-example loss, logits).
 
     Returns (x_best_adv, robust, gradient at the start) for each example.
@@ -115,8 +118,9 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
                    step_size=jnp.full((batch,), 2.0 * eps, x.dtype),
                    loss_steps=jnp.zeros((n_iter, batch), loss.dtype),
                    loss_best_last_check=loss, reduced_last_check=jnp.ones((batch,), bool))
-    is_checkpoint, window = (jnp.asarray(a) for a in checkpoint_schedule(n_iter))
-    max_window = int(np.max(checkpoint_schedule(n_iter)[1]))
+    is_checkpoint, window = checkpoint_schedule(n_iter)
+    is_checkpoint_array, window_array = jnp.asarray(is_checkpoint), jnp.asarray(window)
+    max_window = int(np.max(window))
 
     def body(i, s: _State) -> _State:
         momentum = jnp.where(i > 0, 0.75, 1.0)
@@ -134,7 +138,10 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
         s = s._replace(x_adv=x_new, x_old=s.x_adv, grad=grad, x_best=x_best,
                        grad_best=grad_best, loss_best=loss_best, x_best_adv=x_best_adv,
                        robust=robust, loss_steps=loss_steps)
-        return jax.lax.cond(is_checkpoint[i], lambda t: _check(t, i, window[i]), lambda t: t, s)
+        if isinstance(i, int):  # unrolled: the schedule is known while tracing
+            return _check(s, i, int(window[i])) if is_checkpoint[i] else s
+        return jax.lax.cond(is_checkpoint_array[i], lambda t: _check(t, i, window_array[i]),
+                            lambda t: t, s)
 
     def _check(s: _State, i, k) -> _State:
         # Count increases of the loss over the last k steps (indices wrap as in the reference).
@@ -151,7 +158,7 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
             grad=jnp.where(_per_example(reduce, x), s.grad_best, s.grad),
             reduced_last_check=reduce, loss_best_last_check=s.loss_best)
 
-    state = jax.lax.fori_loop(0, n_iter, body, state)
+    state = fixed_loop(n_iter, body, state, unroll)
     return jax.lax.stop_gradient(state.x_best_adv), state.robust, start_grad
 
 
@@ -162,7 +169,7 @@ def _sum_loss(loss_fn, inputs):
 
 def apgd_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
                key: jax.Array, eps: float = 8 / 255, n_iter: int = 100, loss: str = "ce",
-               target_rank=2, rho: float = 0.75):
+               target_rank=2, rho: float = 0.75, unroll: Optional[bool] = None):
     """One APGD run on the points classified correctly: (x_adv, robust, zero-gradient flags).
 
     loss: 'ce', 'dlr', or 'dlr-targeted' against the class ranked `target_rank` (2 = the most
@@ -185,7 +192,7 @@ def apgd_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax
         return per_example(logits), logits
 
     clean_correct = jnp.argmax(clean_logits, axis=1) == y
-    x_adv, robust, grad = apgd_run(loss_fn, x, y, key, eps, n_iter, rho)
+    x_adv, robust, grad = apgd_run(loss_fn, x, y, key, eps, n_iter, rho, unroll)
     fooled = clean_correct & ~robust
     x_out = jnp.where(_per_example(fooled, x), x_adv, x)
     zero_grad = clean_correct & (jnp.sum(jnp.abs(grad).reshape(x.shape[0], -1), axis=1) == 0)

@@ -8,7 +8,7 @@ counts as robust only if every attack fails on it. APGD-T and FAB-T run their 9 
 in turn, each again only on the points still robust. The points are gathered into batches of
 a fixed size (the last one padded and masked), so every stage compiles once. Random starts
 come from keys derived from each point's index: a point meets the same randomness whatever
-batch it is in. Published parameters: APGD 100 iterations, rho 0.75, momentum 0.75, first
+batch it is in, and the same as when the attack runs alone. Published parameters: APGD 100 iterations, rho 0.75, momentum 0.75, first
 step 2 eps; APGD-T and FAB-T 9 targets, 100 iterations; Square 5,000 queries, p_init 0.8.
 
 The reference implementation's sanity checks are reported as warnings: the output varies
@@ -103,8 +103,9 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
                                                           clean_logits)}
     x_adv = x.copy()
     zero_grad_points = 0
-    for component, name in enumerate(attacks_to_run):
+    for name in attacks_to_run:
         start_time = time.time()
+        component = STANDARD.index(name) if name in STANDARD else len(STANDARD)
         run = jax.jit(functools.partial(_run_stage, apply,
                                         _stage_function(name, eps, n_iter, n_queries)),
                       in_shardings=(repl, sharded, sharded, sharded, repl, repl),

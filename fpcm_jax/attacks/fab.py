@@ -12,10 +12,12 @@ A point is fooled only if the smallest adversarial perturbation lies within eps.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+from fpcm_jax.attacks.pgd import fixed_loop
 
 
 def projection_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -66,7 +68,7 @@ def projection_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array,
                        y: jax.Array, key: jax.Array, eps: float = 8 / 255, target_rank=2,
                        n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05,
-                       beta: float = 0.9):
+                       beta: float = 0.9, unroll: Optional[bool] = None):
     """One FAB-T run against the class ranked `target_rank`: (x_adv, robust)."""
     del key  # the standard version's single restart has no random start
     batch = x.shape[0]
@@ -106,7 +108,7 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
         return x1, best, best_norm
 
     init = (x, x, jnp.full((batch,), 1e10, x.dtype))
-    _, best, best_norm = jax.lax.fori_loop(0, n_iter, body, init)
+    _, best, best_norm = fixed_loop(n_iter, body, init, unroll)
     found = correct & (best_norm < 1e10)
     x_adv = jax.lax.stop_gradient(jnp.where(per_example(found), best, x))
     still_correct = jnp.argmax(logits_fn(x_adv), axis=1) == y

@@ -13,7 +13,7 @@ training attack threads BatchNorm running statistics, as the official code updat
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,25 @@ def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     return jnp.clip(x + jnp.clip(x_adv - x, -eps, eps), 0.0, 1.0)
 
 
+def default_unroll() -> bool:
+    """Unroll attack loops on CPU, where a conv net inside a while loop ran 2-3x slower (every
+    iteration the same shapes: it is the loop itself); keep `lax.fori_loop` elsewhere."""
+    return jax.default_backend() == "cpu"
+
+
+def fixed_loop(count: int, body: Callable[[Any, Any], Any], state: Any,
+               unroll: Optional[bool] = None) -> Any:
+    """body(i, state) -> state, `count` times: a Python loop (unrolled into the compiled graph)
+    or a `lax.fori_loop`; None picks by backend (`default_unroll`)."""
+    if unroll is None:
+        unroll = default_unroll()
+    if unroll:
+        for i in range(count):
+            state = body(i, state)
+        return state
+    return jax.lax.fori_loop(0, count, body, state)
+
+
 def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: jax.Array,
                 x_start: jax.Array, carry: Any, eps: float, step_size: float, steps: int,
                 unroll: bool = True) -> Tuple[jax.Array, Any]:
@@ -42,13 +61,7 @@ def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: j
         grad, carry = grad_fn(x_adv, carry)
         return project(x_adv + step_size * jnp.sign(grad), x, eps), carry
 
-    state = (x_start, carry)
-    if unroll:
-        for i in range(steps):
-            state = step(i, state)
-    else:
-        state = jax.lax.fori_loop(0, steps, step, state)
-    x_adv, carry = state
+    x_adv, carry = fixed_loop(steps, step, (x_start, carry), unroll)
     return jax.lax.stop_gradient(x_adv), carry
 
 
