@@ -4,6 +4,7 @@
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18 --mode eval --attack pgd50
     python main.py --config configs/cifar10_resnet18.py --mode eval --attack autoattack \
         --checkpoint runs/official_r18 --workdir runs/official_r18
+    python main.py --config configs/tiny.py --mode analyze --checkpoints runs/a,runs/b --workdir runs/an
     python main.py --config configs/cifar10_resnet18.py --mode info                 # model only
 """
 
@@ -16,7 +17,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "info"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "info"], "What to do.")
 flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, pgdN, cwN, "
                     "apgd-ce, apgd-t, fab-t, square, autoattack).")
 flags.DEFINE_string("checkpoint", None, "eval: checkpoint directory (default: the workdir's "
@@ -26,6 +27,8 @@ flags.DEFINE_integer("num_examples", None, "eval: the first N examples (default:
 flags.DEFINE_integer("batch_size", None, "eval: batch size (default: config.eval.batch_size).")
 flags.DEFINE_integer("seed", 0, "eval: random seed of the attacks.")
 flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "eval: which split.")
+flags.DEFINE_list("checkpoints", None, "analyze: run directories or checkpoints, comma list.")
+flags.DEFINE_list("labels", None, "analyze: a label per checkpoint (default: the run names).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -52,6 +55,13 @@ def main(argv):
         raise app.UsageError(f"--workdir is required for --mode {FLAGS.mode}.")
     from fpcm_jax import data, evaluate, train
     try:
+        if FLAGS.mode == "analyze":
+            from fpcm_jax import analysis
+            if not FLAGS.checkpoints:
+                raise ValueError("--mode analyze needs --checkpoints A,B,...")
+            result = analysis.run_analysis(config, FLAGS.checkpoints, FLAGS.workdir, FLAGS.labels)
+            print(f"Wrote {result['path']} and {', '.join(result['figures'])}")
+            return 0
         if FLAGS.mode == "eval":
             names = evaluate.parse_attack_names(FLAGS.attack)
             evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,

@@ -54,6 +54,15 @@ def get_config():
     config.attack.steps = 10                # 0: standard (non-adversarial) training
     config.attack.bn_mode = "train"         # train (official) | batch_stats_frozen | eval
 
+    config.analysis = ml_collections.ConfigDict()  # main.py --mode analyze
+    config.analysis.num_examples = 1000     # test images for alpha, noise and filter analyses
+    config.analysis.bands = 8               # rings of the 2-D spectrum for band-limited noise
+    config.analysis.noise_l2_norm = 4.0     # L2 norm of each noise image (32x32x3: ~0.04/pixel)
+    config.analysis.filter_steps = 10       # cutoff radii for filtered-input accuracy
+    config.analysis.heatmap_examples = 100  # images per Fourier heat-map cell
+    config.analysis.heatmap_l2_norm = 4.0   # L2 norm of the Fourier basis perturbation
+    config.analysis.feature_examples = 64   # images for the feature spectra
+
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256
     config.eval.attack_steps = 10           # validation PGD during training

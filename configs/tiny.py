@@ -24,4 +24,6 @@ def get_config():
     config.train.weight_decay = 5e-4
     config.train.checkpoint_every_steps = 50
     config.eval.batch_size = 100
+    config.analysis.num_examples = 297
+    config.analysis.heatmap_examples = 32
     return config

@@ -106,10 +106,7 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     for name in attacks_to_run:
         start_time = time.time()
         component = STANDARD.index(name) if name in STANDARD else len(STANDARD)
-        run = jax.jit(functools.partial(_run_stage, apply,
-                                        _stage_function(name, eps, n_iter, n_queries)),
-                      in_shardings=(repl, sharded, sharded, sharded, repl, repl),
-                      out_shardings=(sharded, sharded, sharded))
+        run = _compiled_stage(apply, name, eps, n_iter, n_queries, mesh)
         for stage, target_rank in enumerate(_stages(name, n_target_classes)):
             stage_key = jax.random.fold_in(jax.random.fold_in(key, component), stage)
             for chosen, padded in batches(np.flatnonzero(robust)):
@@ -138,6 +135,16 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     max_perturbation = float(np.abs(x_adv - x).max()) if count else 0.0
     result["max_perturbation"] = max_perturbation
     return result
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_stage(apply, name, eps, n_iter, n_queries, mesh):
+    """The jitted stage, cached: a second evaluation of the same logits_fn compiles nothing."""
+    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(functools.partial(_run_stage, apply,
+                                     _stage_function(name, eps, n_iter, n_queries)),
+                   in_shardings=(repl, sharded, sharded, sharded, repl, repl),
+                   out_shardings=(sharded, sharded, sharded))
 
 
 def _run_stage(apply, stage, params, x, y, keys, shared_key, target_rank):

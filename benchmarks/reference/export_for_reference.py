@@ -1,0 +1,55 @@
+"""Export a checkpoint and evaluation points for the reference PyTorch tools.
+
+    .venv/bin/python benchmarks/reference/export_for_reference.py --config configs/tiny.py \
+        --checkpoint runs/x/best_robust --split train --num-examples 500 --out export.npz
+
+Writes the official-layout state_dict (`state/<name>`), the images x (NHWC in [0, 1]), the
+labels y, and fpcm-jax's logits on them (to check that both frameworks see the same model).
+Config overrides go after the flags as --config.x=y would in main.py: --override model.name=wrn-10-1.
+"""
+
+import argparse
+import ast
+import importlib.util
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np  # noqa: E402
+
+from fpcm_jax import checkpoint, convert, data, models  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--split", default="test", choices=["test", "validation", "train"])
+    parser.add_argument("--num-examples", type=int, default=500)
+    parser.add_argument("--override", action="append", default=[], help="section.key=value")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    spec = importlib.util.spec_from_file_location("experiment_config", args.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in args.override:
+        name, value = item.split("=", 1)
+        section, key = name.split(".")
+        config[section][key] = ast.literal_eval(value)
+    model, dataset = models.build(config)
+    variables, _ = checkpoint.load_variables(args.checkpoint, convert.variables_template(model))
+    splits = data.load(config.data.name, config.data.data_dir, config.data.validation_size,
+                       config.data.prepare, config.seed)
+    chosen = dict(zip(["train", "validation", "test"], splits))[args.split]
+    x = data.to_float(chosen.images[:args.num_examples])
+    logits = model.apply(variables, x, train=False, progress=1.0)
+    state = {f"state/{k}": v for k, v in convert.to_official(variables).items()}
+    np.savez(args.out, x=np.asarray(x), y=chosen.labels[:args.num_examples],
+             num_classes=dataset.num_classes, jax_logits=np.asarray(logits), **state)
+    print(f"Wrote {args.out}: {len(state)} tensors, {len(x)} points.")
+
+
+if __name__ == "__main__":
+    main()

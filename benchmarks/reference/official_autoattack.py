@@ -1,0 +1,99 @@
+"""Robust accuracy of one model by the reference PyTorch tools, to compare with fpcm-jax.
+
+Runs Croce and Hein's AutoAttack (pip package `pyautoattack`, standard version) and
+torchattacks' PGD on the same weights and points that `main.py --mode eval` used. Needs an
+environment outside the project with torch, pyautoattack, torchattacks, and a checkout of the
+official FPCM repository (for its model classes; nothing of it is copied here):
+
+    python -m venv /tmp/torchenv
+    /tmp/torchenv/bin/pip install torch==2.13.0 pyautoattack torchattacks einops matplotlib
+    # weights and points, exported by fpcm-jax (see export_for_reference.py):
+    .venv/bin/python benchmarks/reference/export_for_reference.py ...
+    /tmp/torchenv/bin/python benchmarks/reference/official_autoattack.py \
+        --official-repo /path/to/official --model wrn-10-1 --export export.npz
+
+Prints one JSON line: clean accuracy, PGD-20/50 (torchattacks) and AutoAttack per component.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def build_model(official_repo, name, num_classes):
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the official code calls .cuda()
+    sys.path.insert(0, official_repo)
+    if name.startswith("wrn-"):
+        from wideresnet import WideResNet
+        depth, width = (int(v) for v in name.split("-")[1:])
+        return WideResNet(depth=depth, num_classes=num_classes, widen_factor=width)
+    from resnets import ResNet18_FNet
+    return ResNet18_FNet(num_classes=num_classes)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--official-repo", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--export", required=True, help="npz from export_for_reference.py")
+    parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--batch", type=int, default=500)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    archive = np.load(args.export)
+    state = {k[len("state/"):]: torch.from_numpy(archive[k]) for k in archive.files
+             if k.startswith("state/")}
+    x = torch.from_numpy(archive["x"].transpose(0, 3, 1, 2).copy())  # NHWC -> NCHW
+    y = torch.from_numpy(archive["y"].astype(np.int64))
+    model = build_model(args.official_repo, args.model, int(archive["num_classes"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (
+        missing, unexpected)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    result = {"examples": len(y), "max_logit_diff_vs_jax":
+              float(np.abs(logits.numpy() - archive["jax_logits"]).max()),
+              "clean_acc": float((logits.argmax(1) == y).float().mean())}
+
+    import torchattacks
+    for steps in (20, 50):
+        torch.manual_seed(0)
+        attack = torchattacks.PGD(model, eps=args.eps, alpha=2 / 255, steps=steps,
+                                  random_start=True)
+        start = time.time()
+        x_adv = torch.cat([attack(x[i:i + args.batch], y[i:i + args.batch])
+                           for i in range(0, len(y), args.batch)])
+        with torch.no_grad():
+            robust = (model(x_adv).argmax(1) == y) & (logits.argmax(1) == y)
+        result[f"torchattacks_pgd{steps}_acc"] = float(robust.float().mean())
+        result[f"torchattacks_pgd{steps}_seconds"] = round(time.time() - start, 1)
+
+    from pyautoattack import AutoAttack
+    adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device="cpu",
+                           verbose=True, seed=0)
+    start = time.time()
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        x_adv = adversary.run_standard_evaluation(x, y, bs=args.batch)
+    for line in log.getvalue().splitlines():  # "robust accuracy after APGD-CE: 50.00% (...)"
+        match = re.search(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%", line)
+        if match:
+            result[f"autoattack_after_{match.group(1).lower()}"] = float(match.group(2)) / 100
+    with torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y)
+    result["autoattack_acc"] = float(robust.float().mean())
+    result["autoattack_seconds"] = round(time.time() - start, 1)
+    result["autoattack_images_per_second"] = round(len(y) / (time.time() - start), 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

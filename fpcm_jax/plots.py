@@ -1,0 +1,101 @@
+"""PNG figures of `analysis.run_analysis` results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def write_all(results: Dict[str, Any], workdir: str) -> List[str]:
+    """Write every figure; returns their paths."""
+    writers = [alpha_distribution, band_noise, filtered_accuracy, fourier_heat_maps,
+               feature_spectrum]
+    paths = []
+    for writer in writers:
+        figure, name = writer(results)
+        if figure is None:
+            continue
+        path = os.path.join(workdir, name)
+        figure.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def alpha_distribution(results):
+    models = {k: v for k, v in results["models"].items() if v["_alpha_samples"]}
+    if not models:
+        return None, None
+    figure, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.4), squeeze=False)
+    for axis, (label, result) in zip(axes[0], models.items()):
+        stages = list(result["_alpha_samples"])
+        axis.violinplot([result["_alpha_samples"][s].ravel() for s in stages], showmeans=True)
+        axis.set_xticks(range(1, len(stages) + 1), stages)
+        axis.set_ylim(0.5, 1.0)
+        axis.set_title(f"{label}: FPCM alpha (low-pass weight)")
+        axis.set_ylabel("alpha over samples x channels")
+    return figure, "alpha_distribution.png"
+
+
+def band_noise(results):
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    bands = results["settings"]["bands"]
+    centres = (np.arange(bands) + 0.5) * np.sqrt(0.5) / bands
+    for label, result in results["models"].items():
+        axis.plot(centres, result["band_noise_accuracy"], marker="o", label=label)
+    axis.set_xlabel("noise band centre (cycles/pixel)")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"Band-limited noise, L2 norm {results['settings']['noise_l2_norm']}")
+    axis.legend()
+    return figure, "band_noise.png"
+
+
+def filtered_accuracy(results):
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for label, result in results["models"].items():
+        for axis, kind in zip(axes, ("lowpass", "highpass")):
+            axis.plot(results["filter_radii"], result["filtered_accuracy"][kind], marker=".",
+                      label=label)
+    for axis, title in zip(axes, ("low-pass filtered images", "high-pass filtered images")):
+        axis.set_xlabel("cutoff radius (cycles/pixel)")
+        axis.set_title(title)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend()
+    return figure, "filtered_accuracy.png"
+
+
+def fourier_heat_maps(results):
+    models = results["models"]
+    figure, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.4), squeeze=False)
+    for axis, (label, result) in zip(axes[0], models.items()):
+        heat = np.asarray(result["fourier_heat_map"])
+        image = axis.imshow(heat, vmin=0.0, vmax=1.0, cmap="viridis")
+        axis.set_title(f"{label}: error rate")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.colorbar(image, ax=list(axes[0]))
+    figure.suptitle(f"Fourier heat map, L2 norm {results['settings']['heatmap_l2_norm']} "
+                    f"(centre = lowest frequency)", y=1.02)
+    return figure, "fourier_heat_map.png"
+
+
+def feature_spectrum(results):
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    bars = []
+    for label, result in results["models"].items():
+        for stage, shares in result["feature_high_frequency_share"].items():
+            for kind in ("before", "after"):
+                if kind in shares:
+                    bars.append((f"{label}\n{stage} {kind}", shares[kind]))
+    axis.bar(range(len(bars)), [value for _, value in bars],
+             color=["tab:blue" if "before" in name else "tab:orange" for name, _ in bars])
+    axis.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=90, fontsize=7)
+    axis.set_ylabel("high-frequency energy share")
+    axis.set_title("Stage outputs before (blue) and after (orange) FPCM")
+    return figure, "feature_spectrum.png"

@@ -1,0 +1,109 @@
+"""Frequency-bias analyses: noise bands, filters, heat map, alpha statistics, end to end."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from configs import tiny
+from fpcm_jax import analysis, models, train
+from fpcm_jax.layers import FPCM
+
+
+def test_band_limited_noise_lies_in_its_band_with_the_requested_norm():
+    masks = analysis.band_masks(16, 16, 4)
+    np.testing.assert_array_equal(masks.sum(0), np.ones((16, 16)))  # the rings tile the plane
+    for band, mask in enumerate(masks):
+        noise = analysis.band_limited_noise(jax.random.key(band), (3, 16, 16, 2),
+                                            jnp.asarray(mask), 2.5)
+        norms = np.sqrt(np.sum(np.asarray(noise) ** 2, axis=(1, 2, 3)))
+        np.testing.assert_allclose(norms, 2.5, rtol=1e-5)
+        energy = np.abs(np.fft.fft2(np.asarray(noise), axes=(1, 2))) ** 2
+        outside = energy * (1 - mask)[None, :, :, None]
+        assert outside.sum() < 1e-8 * energy.sum()
+
+
+def test_lowpass_plus_highpass_is_the_image():
+    x = jax.random.uniform(jax.random.key(0), (2, 12, 10, 3))
+    for radius in (0.05, 0.2, 0.6):
+        total = analysis.ideal_lowpass(x, radius) + analysis.ideal_highpass(x, radius)
+        np.testing.assert_allclose(total, x, atol=1e-5)
+    np.testing.assert_allclose(analysis.ideal_lowpass(x, 1.0), x, atol=1e-5)
+
+
+class LowFrequencyNet(nn.Module):
+    """Sees only frequencies up to 0.13 cycles/pixel."""
+
+    @nn.compact
+    def __call__(self, x, train=False, progress=1.0):
+        low = analysis.ideal_lowpass(x, 0.13)
+        return nn.Dense(10)(low.reshape(x.shape[0], -1) * 20.0)
+
+
+def test_heat_map_of_a_low_frequency_model_is_zero_at_high_frequencies():
+    x = np.asarray(0.4 + 0.2 * jax.random.uniform(jax.random.key(1), (16, 16, 16, 3)))
+    model = LowFrequencyNet()
+    variables = model.init(jax.random.key(2), jnp.asarray(x))
+    y = np.asarray(model.apply(variables, jnp.asarray(x)).argmax(-1))
+    heat = analysis.Analyzer(model, variables).fourier_heat_map(x, y, jax.random.key(3), 6.0)
+    radius = np.fft.fftshift(analysis.radius_grid(16, 16))
+    assert np.all(heat[radius > 0.2] == 0.0)
+    assert heat[(radius > 0) & (radius <= 0.13)].max() > 0.0
+
+
+def test_alpha_statistics_equal_a_direct_computation_from_the_fpcm_module():
+    model = models.create("resnet18", widths=(4, 4, 8, 8), stage_sizes=(1, 1, 1, 1))
+    x = np.asarray(jax.random.uniform(jax.random.key(0), (10, 16, 16, 3)))
+    variables = model.init(jax.random.key(1), jnp.asarray(x))
+    analyzer = analysis.Analyzer(model, variables, batch_size=4)  # several batches
+    alphas = analyzer.alphas(x)
+    assert list(alphas) == ["attn1", "attn2", "attn3", "attn4"]
+    _, state = model.apply(variables, jnp.asarray(x), capture_intermediates=True,
+                           mutable=["intermediates"])
+    stage_input = state["intermediates"]["layer2_0"]["__call__"][0]
+    fpcm = FPCM("depthwise")
+    _, sown = fpcm.apply({"params": variables["params"]["attn2"]}, stage_input, progress=1.0,
+                         mutable=["intermediates"])
+    direct = np.asarray(sown["intermediates"]["alpha"][0])
+    np.testing.assert_allclose(alphas["attn2"], direct, rtol=1e-5)
+    stats = analysis.alpha_statistics(alphas)["attn2"]
+    np.testing.assert_allclose(stats["channel_variance"], direct.var(0), rtol=1e-4, atol=1e-9)
+    assert stats["min"] == float(direct.min()) and 0.5 < stats["min"] <= stats["max"] < 1.0
+
+
+def test_high_frequency_share():
+    rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    checker = ((-1.0) ** (rows + cols))[None, :, :, None]
+    smooth = np.cos(2 * np.pi * rows / 8)[None, :, :, None]
+    assert analysis.high_frequency_share(jnp.asarray(checker)) > 0.999
+    assert analysis.high_frequency_share(jnp.asarray(smooth)) < 1e-6
+
+
+def test_analyze_end_to_end_writes_json_and_figures(tmp_path):
+    config = tiny.get_config()
+    config.model.widths = (8, 8, 8, 8)
+    config.attack.steps = 1
+    config.train.epochs = 1
+    config.eval.attack_steps = 1
+    config.train.final_test_attack_steps = 0
+    run = tmp_path / "pgdat_run"
+    train.train_and_evaluate(config, str(run))
+    config.analysis.num_examples = 40
+    config.analysis.heatmap_examples = 4
+    config.analysis.filter_steps = 3
+    config.analysis.bands = 3
+    config.analysis.feature_examples = 8
+    result = analysis.run_analysis(config, [str(run)], str(tmp_path / "out"))
+    assert result["labels"] == ["pgdat_run"]
+    with open(tmp_path / "out" / "analysis.json") as handle:
+        saved = json.load(handle)
+    model = saved["models"]["pgdat_run"]
+    assert len(model["band_noise_accuracy"]) == 3 and len(model["fourier_heat_map"]) == 32
+    assert set(model["alpha"]) == {"attn1", "attn2", "attn3", "attn4"}
+    assert set(model["feature_high_frequency_share"]["stage1"]) == {"before", "after"}
+    for name in ("alpha_distribution", "band_noise", "filtered_accuracy", "fourier_heat_map",
+                 "feature_spectrum"):
+        assert os.path.getsize(tmp_path / "out" / f"{name}.png") > 1000
