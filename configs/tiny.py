@@ -26,4 +26,6 @@ def get_config():
     config.eval.batch_size = 100
     config.analysis.num_examples = 297
     config.analysis.heatmap_examples = 32
+    config.analysis.noise_l2_norm = 12.0    # digits barely react to the default 4.0
+    config.analysis.heatmap_l2_norm = 12.0
     return config
