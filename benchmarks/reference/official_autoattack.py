@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import re
 import sys
 import time
@@ -78,11 +79,14 @@ def main():
 
     from pyautoattack import AutoAttack
     adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device="cpu",
-                           verbose=True, seed=0)
+                           seed=0)
     start = time.time()
     log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger().addHandler(handler)  # the package logs its progress at DEBUG level
+    logging.getLogger().setLevel(logging.DEBUG)
     with contextlib.redirect_stdout(log):
-        x_adv = adversary.run_standard_evaluation(x, y, bs=args.batch)
+        x_adv = adversary.run_standard_evaluation(x, y, batch_size=args.batch)
     for line in log.getvalue().splitlines():  # "robust accuracy after APGD-CE: 50.00% (...)"
         match = re.search(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%", line)
         if match:
@@ -90,6 +94,8 @@ def main():
     with torch.no_grad():
         robust = (model(x_adv).argmax(1) == y)
     result["autoattack_acc"] = float(robust.float().mean())
+    result["autoattack_log"] = [line for line in log.getvalue().splitlines()
+                                if "accuracy" in line]
     result["autoattack_seconds"] = round(time.time() - start, 1)
     result["autoattack_images_per_second"] = round(len(y) / (time.time() - start), 2)
     print(json.dumps(result))
