@@ -76,6 +76,7 @@ def main():
             robust = (model(x_adv).argmax(1) == y) & (logits.argmax(1) == y)
         result[f"torchattacks_pgd{steps}_acc"] = float(robust.float().mean())
         result[f"torchattacks_pgd{steps}_seconds"] = round(time.time() - start, 1)
+        print(json.dumps(result), file=sys.stderr, flush=True)  # partial results, as they come
 
     from pyautoattack import AutoAttack
     adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device="cpu",
@@ -87,6 +88,9 @@ def main():
     logging.getLogger().setLevel(logging.DEBUG)
     with contextlib.redirect_stdout(log):
         x_adv = adversary.run_standard_evaluation(x, y, batch_size=args.batch)
+    if isinstance(x_adv, tuple):  # pyautoattack 0.2 returns (x_adv, ...)
+        x_adv = x_adv[0]
+    print(log.getvalue(), file=sys.stderr, flush=True)
     for line in log.getvalue().splitlines():  # "robust accuracy after APGD-CE: 50.00% (...)"
         match = re.search(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%", line)
         if match:
