@@ -31,3 +31,18 @@ def official_resnet18():
 @pytest.fixture(scope="session")
 def official_wrn16_2():
     return load_official_fixture("wrn16_2")
+
+
+def train_tiny_run(workdir):
+    """A one-epoch PGD-AT run of a very small tiny-config model; returns its config."""
+    from configs import tiny
+    from fpcm_jax import train
+
+    config = tiny.get_config()
+    config.model.widths = (8, 8, 8, 8)
+    config.attack.steps = 1
+    config.train.epochs = 1
+    config.eval.attack_steps = 1
+    config.train.final_test_attack_steps = 0
+    train.train_and_evaluate(config, str(workdir))
+    return config

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from configs import tiny
-from fpcm_jax import analysis, models, train
+from conftest import train_tiny_run
+from fpcm_jax import analysis, models
 from fpcm_jax.layers import FPCM
 
 
@@ -83,14 +83,8 @@ def test_high_frequency_share():
 
 
 def test_analyze_end_to_end_writes_json_and_figures(tmp_path):
-    config = tiny.get_config()
-    config.model.widths = (8, 8, 8, 8)
-    config.attack.steps = 1
-    config.train.epochs = 1
-    config.eval.attack_steps = 1
-    config.train.final_test_attack_steps = 0
     run = tmp_path / "pgdat_run"
-    train.train_and_evaluate(config, str(run))
+    config = train_tiny_run(run)
     config.analysis.num_examples = 40
     config.analysis.heatmap_examples = 4
     config.analysis.filter_steps = 3

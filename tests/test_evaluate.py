@@ -6,23 +6,12 @@ import os
 import jax
 import numpy as np
 
-from configs import tiny
-from fpcm_jax import checkpoint, convert, data, evaluate, models, train
-
-
-def tiny_run(workdir):
-    config = tiny.get_config()
-    config.model.widths = (8, 8, 8, 8)
-    config.attack.steps = 1
-    config.train.epochs = 1
-    config.eval.attack_steps = 1
-    config.train.final_test_attack_steps = 0
-    train.train_and_evaluate(config, str(workdir))
-    return config
+from conftest import train_tiny_run
+from fpcm_jax import checkpoint, convert, data, evaluate, models
 
 
 def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
-    config = tiny_run(tmp_path)
+    config = train_tiny_run(tmp_path)
     report = evaluate.run_evaluation(config, str(tmp_path), ["none", "pgd3", "apgd-ce"],
                                      num_examples=50, batch_size=16,
                                      autoattack_options={"n_iter": 5})
