@@ -3,6 +3,7 @@ predictions (so every point is attacked).
 
     python benchmarks/attacks.py --model resnet18 --attack pgd50 --batch 128 [--no-fpcm]
     python benchmarks/attacks.py --model resnet18 --attack autoattack --batch 128
+    [--dtype bfloat16] [--fpcm-lowpass fft|matmul|auto]
 
 Prints one JSON line. Single attacks: images_per_second is the median over --repeats timed
 batches after a warm-up (compile_seconds separately). autoattack: one full run over --batch
@@ -23,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fpcm_jax import attacks, models  # noqa: E402
+from fpcm_jax import attacks, layers, models  # noqa: E402
+from train_step import program_flops  # noqa: E402  (this folder is on sys.path)
 
 
 def main():
@@ -34,15 +36,19 @@ def main():
     parser.add_argument("--no-fpcm", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--dtype", default="float32", choices=tuple(models.DTYPES))
+    parser.add_argument("--fpcm-lowpass", default="auto", choices=layers.LOWPASS_IMPLS)
     args = parser.parse_args()
 
-    model = models.create(args.model, fpcm=not args.no_fpcm)
+    model = models.create(args.model, fpcm=not args.no_fpcm, fpcm_lowpass=args.fpcm_lowpass,
+                          dtype=models.compute_dtype(args.dtype))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     logits_fn = lambda params, x: model.apply(params, x, train=False, progress=1.0)
     x = jax.random.uniform(jax.random.key(1), (args.batch, 32, 32, 3))
     y = jnp.argmax(jax.jit(logits_fn)(variables, x), axis=1)
     record = {"benchmark": "attack", "attack": args.attack, "model": args.model,
-              "fpcm": not args.no_fpcm, "batch": args.batch, "devices": jax.device_count(),
+              "fpcm": not args.no_fpcm, "batch": args.batch, "dtype": args.dtype,
+              "fpcm_lowpass": args.fpcm_lowpass, "devices": jax.device_count(),
               "platform": jax.devices()[0].platform, "jax": jax.__version__}
     if args.attack == "autoattack":
         timings = []
@@ -62,7 +68,8 @@ def main():
         run = jax.jit(lambda params, x, y, key: attack(lambda z: logits_fn(params, z), x, y, key))
         key = jax.random.key(3)
         start = time.perf_counter()
-        compiled = run.lower(variables, x, y, key).compile()
+        lowered = run.lower(variables, x, y, key)
+        compiled = lowered.compile()
         compile_seconds = time.perf_counter() - start
         jax.block_until_ready(compiled(variables, x, y, key))
         times = []
@@ -70,8 +77,11 @@ def main():
             start = time.perf_counter()
             jax.block_until_ready(compiled(variables, x, y, key))
             times.append(time.perf_counter() - start)
-        record.update(images_per_second=round(args.batch / statistics.median(times), 3),
-                      compile_seconds=round(compile_seconds, 1), repeats=args.repeats)
+        median = statistics.median(times)
+        flops = program_flops(lowered)  # attacks unroll their loops
+        record.update(images_per_second=round(args.batch / median, 3),
+                      compile_seconds=round(compile_seconds, 1), repeats=args.repeats,
+                      flops_per_batch=flops, achieved_tflops=round(flops / median / 1e12, 3))
     print(json.dumps(record))
 
 

@@ -1,9 +1,11 @@
 """Images/second of the real jitted training step (PGD-10 + CE loss) on random data.
 
     python benchmarks/train_step.py --model resnet18 --batch 128 [--no-fpcm] [--steps 5]
+        [--dtype bfloat16] [--fpcm-lowpass fft|matmul|auto] [--loop unrolled|fori|auto]
 
 Prints one JSON line: images_per_second (median over the timed steps after one warm-up step),
-compile_seconds, and the setup. Uses every local device (the batch is sharded over them).
+compile_seconds, flops_per_step (XLA's count for the unrolled step) and achieved_tflops, and
+the setup. Uses every local device (the batch is sharded over them).
 """
 
 import argparse
@@ -19,7 +21,21 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from fpcm_jax import models, parallel, train  # noqa: E402
+from fpcm_jax import layers, models, parallel, train  # noqa: E402
+
+
+def program_flops(lowered) -> float:
+    """FLOPs of one call by XLA's cost analysis of a lowered program (0 if unavailable).
+
+    A loop body is counted once, so pass a program with its loops unrolled.
+    """
+    try:
+        analysis = lowered.cost_analysis()
+    except Exception:  # not every backend implements it
+        return 0.0
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
 
 
 def main():
@@ -30,6 +46,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--bn-mode", default="train", choices=train.BN_MODES)
+    parser.add_argument("--dtype", default="float32", choices=tuple(models.DTYPES))
+    parser.add_argument("--fpcm-lowpass", default="auto", choices=layers.LOWPASS_IMPLS)
+    parser.add_argument("--loop", default="auto", choices=tuple(train.ATTACK_LOOPS))
     args = parser.parse_args()
 
     config = default.get_config()
@@ -38,14 +57,18 @@ def main():
     config.train.batch_size = args.batch
     config.attack.steps = args.attack_steps
     config.attack.bn_mode = args.bn_mode
+    config.attack.loop = args.loop
+    config.model.dtype = args.dtype
+    config.model.fpcm_lowpass = args.fpcm_lowpass
     steps_per_epoch = 1000
     mesh = parallel.make_mesh()
     model, spec = models.build(config)
     tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
     state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size),
                            parallel.replicated(mesh))
-    step = train.jit_train_step(
+    make_step = lambda: train.jit_train_step(
         train.make_train_step(model, tx, learning_rate, config, steps_per_epoch), mesh)
+    step = make_step()
     rng = np.random.default_rng(0)
     sharded = parallel.batch_sharded(mesh)
     batch = {"images": parallel.global_array(
@@ -66,11 +89,15 @@ def main():
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    config.attack.loop = "unrolled"
+    flops = program_flops(make_step().lower(state, batch, key))
     print(json.dumps({
         "benchmark": "train_step", "model": args.model, "fpcm": not args.no_fpcm,
         "batch": args.batch, "attack_steps": args.attack_steps, "bn_mode": args.bn_mode,
+        "dtype": args.dtype, "fpcm_lowpass": args.fpcm_lowpass, "loop": args.loop,
         "images_per_second": round(args.batch / median, 2),
         "step_seconds_median": round(median, 4), "compile_seconds": round(compile_seconds, 2),
+        "flops_per_step": flops, "achieved_tflops": round(flops / median / 1e12, 3),
         "timed_steps": args.steps, "devices": jax.device_count(),
         "platform": jax.devices()[0].platform, "jax": jax.__version__}))
 

@@ -169,7 +169,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
 
 def model_description(config, spec) -> Dict[str, Any]:
     return {"name": config.model.name, "fpcm": config.model.fpcm, "dataset": config.data.name,
-            "num_classes": spec.num_classes}
+            "num_classes": spec.num_classes, "dtype": config.model.dtype}
 
 
 def _autoattack_parameters(eps: float, changed: Dict[str, int]) -> Dict[str, Any]:

@@ -22,6 +22,7 @@ uses start 1/2, end 1/8 with progress = epoch / 120; the official WRN a fixed 1/
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -50,14 +51,80 @@ def token_gaussian_filter(num_tokens: int, fraction) -> jax.Array:
     return jnp.exp(-0.5 * jnp.square(k / d0))
 
 
-def token_lowpass(x: jax.Array, fraction) -> jax.Array:
-    """Gaussian low-pass of an NHWC map along its raster-ordered token axis (official FPCM)."""
+LOWPASS_IMPLS = ("auto", "fft", "matmul")
+MATMUL_MAX_TOKENS = 256  # 'auto' uses the circulant matmul up to this P on CPU (measured there)
+
+
+def token_kernel(num_tokens: int, fraction) -> jax.Array:
+    """The filter in token space, g = irfft(G): real and even, g[n] = g[P - n]."""
+    return jnp.fft.irfft(token_gaussian_filter(num_tokens, fraction), n=num_tokens)
+
+
+def circulant(kernel: jax.Array) -> jax.Array:
+    """The P x P matrix of circular convolution with `kernel`: M[p, q] = kernel[(p - q) mod P]."""
+    num_tokens = kernel.shape[0]
+    index = jnp.arange(num_tokens)
+    return kernel[(index[:, None] - index[None, :]) % num_tokens]
+
+
+def check_lowpass_impl(impl: str) -> None:
+    if impl not in LOWPASS_IMPLS:
+        raise ValueError(f"Unknown FPCM lowpass implementation {impl!r}; use one of "
+                         f"{LOWPASS_IMPLS}.")
+
+
+def pick_lowpass_impl(impl: str, num_tokens: int) -> str:
+    """'fft' or 'matmul' for the token low-pass; 'auto' picks by measurement on the backend."""
+    check_lowpass_impl(impl)
+    if impl != "auto":
+        return impl
+    small = num_tokens <= MATMUL_MAX_TOKENS
+    return "matmul" if small and jax.default_backend() == "cpu" else "fft"
+
+
+def _token_filter(tokens: jax.Array, fraction, impl: str) -> jax.Array:
+    """Circular convolution of (B, P, C) float32 tokens with the Gaussian kernel, along P."""
+    num_tokens = tokens.shape[1]
+    if impl == "matmul":  # exact dense form: no FFT and no transposes around it
+        matrix = circulant(token_kernel(num_tokens, fraction))
+        return jnp.einsum("pq,bqc->bpc", matrix, tokens,
+                          precision=jax.lax.Precision.HIGHEST)
+    spectrum = jnp.fft.rfft(tokens, axis=1)
+    gain = token_gaussian_filter(num_tokens, fraction)[None, :, None]
+    return jnp.fft.irfft(spectrum * gain, n=num_tokens, axis=1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _symmetric_token_filter(tokens: jax.Array, fraction, impl: str) -> jax.Array:
+    return _token_filter(tokens, fraction, impl)
+
+
+def _symmetric_token_filter_fwd(tokens, fraction, impl):
+    return _token_filter(tokens, fraction, impl), fraction
+
+
+def _symmetric_token_filter_bwd(impl, fraction, cotangent):
+    # The filter is a circulant matrix with a real even kernel, hence symmetric: its transpose
+    # is itself. Autodiff through rfft/irfft would instead run full complex FFTs.
+    return _token_filter(cotangent, fraction, impl), jnp.zeros_like(fraction)
+
+
+_symmetric_token_filter.defvjp(_symmetric_token_filter_fwd, _symmetric_token_filter_bwd)
+
+
+def token_lowpass(x: jax.Array, fraction, impl: str = "auto") -> jax.Array:
+    """Gaussian low-pass of an NHWC map along its raster-ordered token axis (official FPCM).
+
+    `impl` 'fft' (real FFT along the tokens) and 'matmul' (the same filter as a dense circulant
+    matrix) compute the same L up to float32 rounding; 'auto' picks the faster for the size and
+    backend (`pick_lowpass_impl`). Reverse-mode gradients use the filter's symmetry; no gradient
+    flows to `fraction`, and forward-mode (jax.jvp) is not supported (a custom VJP).
+    """
     batch, height, width, channels = x.shape
     num_tokens = height * width
     tokens = x.reshape(batch, num_tokens, channels).astype(jnp.float32)
-    spectrum = jnp.fft.rfft(tokens, axis=1)
-    gain = token_gaussian_filter(num_tokens, fraction)[None, :, None]
-    low = jnp.fft.irfft(spectrum * gain, n=num_tokens, axis=1)
+    fraction = jnp.asarray(fraction, jnp.float32)
+    low = _symmetric_token_filter(tokens, fraction, pick_lowpass_impl(impl, num_tokens))
     return low.reshape(x.shape).astype(x.dtype)
 
 
@@ -83,10 +150,10 @@ def spatial_lowpass(x: jax.Array, fraction) -> jax.Array:
     return low.astype(x.dtype)
 
 
-def lowpass(x: jax.Array, fraction, variant: str = "tokens") -> jax.Array:
-    """Low-pass part of an NHWC feature map with the chosen filter variant."""
+def lowpass(x: jax.Array, fraction, variant: str = "tokens", impl: str = "auto") -> jax.Array:
+    """Low-pass part of an NHWC feature map with the chosen filter variant (and token impl)."""
     if variant == "tokens":
-        return token_lowpass(x, fraction)
+        return token_lowpass(x, fraction, impl)
     if variant == "spatial":
         return spatial_lowpass(x, fraction)
     raise ValueError(f"Unknown FPCM filter variant {variant!r}; use one of {FILTER_VARIANTS}.")
@@ -112,13 +179,15 @@ def check_feature_map(x: jax.Array, name: str = "FPCM") -> None:
             f"got shape {shape}. Reshape token sequences (B, P, C) to (B, H, W, C) first.")
 
 
-def check_options(variant: str, weight_generator: str, start: float, end: float) -> None:
+def check_options(variant: str, weight_generator: str, start: float, end: float,
+                  lowpass_impl: str = "auto") -> None:
     """Raise a clear error for an invalid FPCM option."""
     if variant not in FILTER_VARIANTS:
         raise ValueError(f"Unknown FPCM filter variant {variant!r}; use one of {FILTER_VARIANTS}.")
     if weight_generator not in WEIGHT_GENERATORS:
         raise ValueError(f"Unknown FPCM weight generator {weight_generator!r}; "
                          f"use one of {WEIGHT_GENERATORS}.")
+    check_lowpass_impl(lowpass_impl)
     if not (start > 0 and end > 0):
         raise ValueError(f"FPCM cutoff fractions must be > 0 (a zero cutoff makes the filter "
                          f"NaN, as the official code does after epoch 160); got start={start}, "
@@ -144,6 +213,8 @@ class FPCM(nn.Module):
       variant: 'tokens' (official: Gaussian along raster-ordered tokens) or 'spatial'
         (radial Gaussian over H and W with the same relative cutoff).
       cutoff_start, cutoff_end: cutoff D0 as a fraction of P at progress 0 and at progress 1.
+      lowpass_impl: how the token filter is computed: 'fft', 'matmul' (dense circulant) or
+        'auto' (the faster one measured for the size and backend); the same L either way.
 
     Call with `progress` in [0, 1] (training progress; 1.0 = the final cutoff used for
     evaluation). It is traced, so a new value does not recompile. The per-sample alpha is
@@ -154,14 +225,16 @@ class FPCM(nn.Module):
     variant: str = "tokens"
     cutoff_start: float = 0.5
     cutoff_end: float = 0.125
+    lowpass_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, progress: Any = 1.0) -> jax.Array:
         check_feature_map(x)
-        check_options(self.variant, self.weight_generator, self.cutoff_start, self.cutoff_end)
+        check_options(self.variant, self.weight_generator, self.cutoff_start, self.cutoff_end,
+                      self.lowpass_impl)
         channels = x.shape[-1]
         fraction = cutoff_fraction(progress, self.cutoff_start, self.cutoff_end)
-        low = lowpass(x, fraction, self.variant)
+        low = lowpass(x, fraction, self.variant, self.lowpass_impl)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         projected = self._project(pooled, channels)
         alpha = frequency_alpha(projected)
@@ -195,13 +268,15 @@ class NNXFPCM(nnx.Module):
     """
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, weight_generator: str = "depthwise",
-                 variant: str = "tokens", cutoff_start: float = 0.5, cutoff_end: float = 0.125):
-        check_options(variant, weight_generator, cutoff_start, cutoff_end)
+                 variant: str = "tokens", cutoff_start: float = 0.5, cutoff_end: float = 0.125,
+                 lowpass_impl: str = "auto"):
+        check_options(variant, weight_generator, cutoff_start, cutoff_end, lowpass_impl)
         self.channels = channels
         self.weight_generator = weight_generator
         self.variant = variant
         self.cutoff_start = cutoff_start
         self.cutoff_end = cutoff_end
+        self.lowpass_impl = lowpass_impl
         if weight_generator == "dense":
             init = torch_uniform_init(channels)
             self.projection = nnx.Linear(channels, channels, kernel_init=init, bias_init=init,
@@ -217,7 +292,7 @@ class NNXFPCM(nnx.Module):
             raise ValueError(f"NNXFPCM was built for {self.channels} channels; the input has "
                              f"{x.shape[-1]} (shape {x.shape}).")
         fraction = cutoff_fraction(progress, self.cutoff_start, self.cutoff_end)
-        low = lowpass(x, fraction, self.variant)
+        low = lowpass(x, fraction, self.variant, self.lowpass_impl)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.weight_generator == "dense":
             projected = self.projection(pooled)

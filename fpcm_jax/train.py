@@ -29,10 +29,11 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from fpcm_jax import checkpoint, data, evaluate, losses, models, parallel
+from fpcm_jax import checkpoint, data, evaluate, layers, losses, models, parallel
 from fpcm_jax.attacks.pgd import pgd_iterate, uniform_start
 
 BN_MODES = ("train", "batch_stats_frozen", "eval")
+ATTACK_LOOPS = {"auto": None, "unrolled": True, "fori": False}  # None: pgd.default_unroll
 SCHEDULES = ("multistep", "cosine")
 
 
@@ -147,7 +148,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
                 return ce, new_stats
 
         return pgd_iterate(loss_fn, x, start, stats, attack_cfg.eps, attack_cfg.step_size,
-                           attack_cfg.steps, unroll=True)
+                           attack_cfg.steps, unroll=ATTACK_LOOPS[attack_cfg.loop])
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array], key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
@@ -199,7 +200,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                ("train.schedule_per", config.train.schedule_per, ("epoch", "step")),
                ("train.trades_attack", config.train.trades_attack, ("ce", "kl")),
                ("attack.bn_mode", config.attack.bn_mode, BN_MODES),
+               ("attack.loop", config.attack.loop, tuple(ATTACK_LOOPS)),
                ("model.normalization", config.model.normalization, ("none", "cifar10", "dataset")),
+               ("model.dtype", config.model.dtype, tuple(models.DTYPES)),
+               ("model.fpcm_lowpass", config.model.fpcm_lowpass, layers.LOWPASS_IMPLS),
                ("data.name", config.data.name, tuple(data.DATASETS))]
     for name, value, valid in choices:
         if value not in valid:
@@ -211,8 +215,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def model_description(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
-    """What makes a checkpoint loadable by a model: compared when a workdir is reused."""
+    """What makes a checkpoint loadable by a model: compared when a workdir is reused.
+
+    How the model computes (model.dtype, model.fpcm_lowpass) is left out: the parameters are
+    the same, so a run may resume or be evaluated with other settings.
+    """
     description = json.loads(config.model.to_json())
+    for how_computed in ("dtype", "fpcm_lowpass"):
+        description.pop(how_computed, None)
     description["num_classes"] = num_classes
     description["dataset"] = config.data.name
     return description

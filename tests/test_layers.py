@@ -33,9 +33,10 @@ def random_input(shape, seed=0):
 @pytest.mark.parametrize("generator", ["depthwise", "dense"])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 4, 6, 5), (2, 5, 3, 4)])
 @pytest.mark.parametrize("progress", [0.0, 0.37, 1.0])
-def test_fpcm_matches_numpy_spec(generator, shape, progress):
+@pytest.mark.parametrize("impl", ["fft", "matmul"])
+def test_fpcm_matches_numpy_spec(generator, shape, progress, impl):
     x = random_input(shape)
-    module = FPCM(weight_generator=generator)
+    module = FPCM(weight_generator=generator, lowpass_impl=impl)
     variables = module.init(jax.random.key(1), x)
     out, state = module.apply(variables, x, progress=progress, mutable=["intermediates"])
     proj = variables["params"]["projection"]
@@ -47,6 +48,36 @@ def test_fpcm_matches_numpy_spec(generator, shape, progress):
     expected, expected_alpha = numpy_fpcm(x, fraction, project)
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(state["intermediates"]["alpha"][0], expected_alpha, atol=1e-6)
+
+
+def autodiff_token_lowpass(x, fraction):
+    """The FFT filter without the custom VJP: JAX differentiates rfft/irfft itself."""
+    batch, height, width, channels = x.shape
+    tokens = x.reshape(batch, height * width, channels)
+    gain = layers.token_gaussian_filter(height * width, fraction)[None, :, None]
+    low = jnp.fft.irfft(jnp.fft.rfft(tokens, axis=1) * gain, n=height * width, axis=1)
+    return low.reshape(x.shape)
+
+
+@pytest.mark.parametrize("impl", ["fft", "matmul", "auto"])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 16, 32, 2), (2, 5, 3, 4)])
+def test_lowpass_implementations_agree_in_value_and_gradient(impl, shape):
+    x = jnp.asarray(random_input(shape))
+    weights = jnp.asarray(random_input(shape, seed=1))
+    np.testing.assert_allclose(layers.token_lowpass(x, 0.3, impl),
+                               autodiff_token_lowpass(x, 0.3), atol=1e-5)
+    loss = lambda fn: (lambda x: jnp.sum(weights * jnp.tanh(fn(x))))
+    ours = jax.grad(loss(lambda x: layers.token_lowpass(x, 0.3, impl)))(x)
+    reference = jax.grad(loss(lambda x: autodiff_token_lowpass(x, 0.3)))(x)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_auto_lowpass_uses_the_matmul_only_for_small_maps_on_cpu():
+    assert layers.pick_lowpass_impl("auto", layers.MATMUL_MAX_TOKENS) == "matmul"
+    assert layers.pick_lowpass_impl("auto", layers.MATMUL_MAX_TOKENS + 1) == "fft"
+    assert layers.pick_lowpass_impl("fft", 16) == "fft"
+    with pytest.raises(ValueError, match="lowpass implementation"):
+        layers.token_lowpass(jnp.zeros((1, 4, 4, 2)), 0.5, "fast")
 
 
 def test_official_filter_and_schedule():
@@ -153,6 +184,8 @@ def test_bad_inputs_give_clear_errors():
         FPCM(variant="wavelet").init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
     with pytest.raises(ValueError, match="weight generator"):
         FPCM(weight_generator="mlp").init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+    with pytest.raises(ValueError, match="lowpass implementation"):
+        FPCM(lowpass_impl="cuda").init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
     with pytest.raises(ValueError, match="> 0"):
         FPCM(cutoff_end=0.0).init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
     with pytest.raises(ValueError, match="built for 4 channels"):

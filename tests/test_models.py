@@ -51,14 +51,35 @@ def check_official(arrays, state_dict, model, epochs_per_run):
         np.testing.assert_allclose(flat[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def test_resnet18_fpcm_matches_official_logits(official_resnet18):
+@pytest.mark.parametrize("lowpass", ["auto", "fft", "matmul"])
+def test_resnet18_fpcm_matches_official_logits(official_resnet18, lowpass):
     arrays, state_dict = official_resnet18
-    check_official(arrays, state_dict, models.create("resnet18"), epochs_per_run=120)
+    check_official(arrays, state_dict, models.create("resnet18", fpcm_lowpass=lowpass),
+                   epochs_per_run=120)
 
 
 def test_wrn_fpcm_matches_official_logits(official_wrn16_2):
     arrays, state_dict = official_wrn16_2
     check_official(arrays, state_dict, models.create("wrn-16-2"), epochs_per_run=60)
+
+
+@pytest.mark.parametrize("name, fixture", [("resnet18", "official_resnet18"),
+                                           ("wrn-16-2", "official_wrn16_2")])
+@pytest.mark.parametrize("train", [False, True])
+def test_bfloat16_logits_stay_close_to_float32(name, fixture, train, request):
+    arrays, state_dict = request.getfixturevalue(fixture)
+    full, mixed = models.create(name), models.create(name, dtype=jnp.bfloat16)
+    variables = convert.from_official(state_dict, full)
+    apply = lambda model: model.apply(variables, arrays["x_eval"], train=train, progress=1.0,
+                                      mutable=["batch_stats"])
+    (reference, stats), (ours, mixed_stats) = apply(full), apply(mixed)
+    assert ours.dtype == jnp.float32
+    difference = float(jnp.abs(ours - reference).max())
+    assert 0 < difference <= 0.03 * float(jnp.abs(reference).max())  # > 0: bf16 really ran
+    np.testing.assert_array_equal(ours.argmax(-1), reference.argmax(-1))
+    # Parameters and BatchNorm statistics stay float32 in mixed precision.
+    for tree in (mixed.init(jax.random.key(0), arrays["x_eval"][:1]), mixed_stats):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
 
 
 def test_synthetic_weights_are_the_recorded_ones(official_resnet18, official_wrn16_2):

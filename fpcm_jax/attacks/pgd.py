@@ -52,7 +52,7 @@ def fixed_loop(count: int, body: Callable[[Any, Any], Any], state: Any,
 
 def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: jax.Array,
                 x_start: jax.Array, carry: Any, eps: float, step_size: float, steps: int,
-                unroll: bool = True) -> Tuple[jax.Array, Any]:
+                unroll: Optional[bool] = True) -> Tuple[jax.Array, Any]:
     """`steps` signed-gradient ascent steps on loss_fn(x_adv, carry) -> (loss, new_carry)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 from fpcm_jax import data
@@ -18,7 +19,9 @@ def create(name: str, num_classes: int = 10, fpcm: bool = True, **kwargs) -> nn.
     """Build a model by name. `fpcm=False` gives the baseline without FPCM.
 
     Keyword options go to the model: fpcm_variant ('tokens' | 'spatial'), cutoff_start,
-    cutoff_end (fractions of P), mean / std (input normalisation, None for none), dtype.
+    cutoff_end (fractions of P), fpcm_lowpass ('auto' | 'fft' | 'matmul'), mean / std (input
+    normalisation, None for none), dtype (computation dtype, e.g. jnp.bfloat16; parameters and
+    BatchNorm statistics stay float32).
     """
     key = name.lower()
     if key in ("resnet18", "resnet-18"):
@@ -33,6 +36,15 @@ def create(name: str, num_classes: int = 10, fpcm: bool = True, **kwargs) -> nn.
     raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """The jnp dtype for `config.model.dtype`, with a clear error for anything else."""
+    if name not in DTYPES:
+        raise ValueError(f"Unknown model.dtype {name!r}; use one of {tuple(DTYPES)} "
+                         f"(bfloat16 = mixed precision: float32 parameters and BN statistics).")
+    return DTYPES[name]
 
 
 def from_config(model_config, num_classes: int, mean=None, std=None) -> nn.Module:
@@ -44,7 +56,9 @@ def from_config(model_config, num_classes: int, mean=None, std=None) -> nn.Modul
         extra["stage_sizes"] = tuple(model_config.stage_sizes)
     return create(model_config.name, num_classes=num_classes, fpcm=model_config.fpcm,
                   fpcm_variant=model_config.fpcm_variant, cutoff_start=model_config.cutoff_start,
-                  cutoff_end=model_config.cutoff_end, mean=mean, std=std, **extra)
+                  cutoff_end=model_config.cutoff_end,
+                  fpcm_lowpass=model_config.fpcm_lowpass,
+                  dtype=compute_dtype(model_config.dtype), mean=mean, std=std, **extra)
 
 
 def build(config):
@@ -54,4 +68,5 @@ def build(config):
     return from_config(config.model, spec.num_classes, mean, std), spec
 
 
-__all__ = ["build", "create", "from_config", "ResNet", "WideResNet", "MODEL_NAMES"]
+__all__ = ["build", "compute_dtype", "create", "from_config", "DTYPES", "ResNet", "WideResNet",
+           "MODEL_NAMES"]

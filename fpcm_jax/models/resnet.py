@@ -50,6 +50,7 @@ class ResNet(nn.Module):
     cutoff_end: float = 0.125
     mean: Optional[Sequence[float]] = None  # the official ResNet-18 takes raw [0, 1] input
     std: Optional[Sequence[float]] = None
+    fpcm_lowpass: str = "auto"  # fft | matmul | auto: how FPCM computes its filter (same result)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -68,7 +69,7 @@ class ResNet(nn.Module):
                 name = f"layer{stage}_{block}"
                 out = BasicBlock(width, stride, self.dtype, name=name)(out, train)
             if self.fpcm:
-                out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
+                out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end, self.fpcm_lowpass,
                            name=f"attn{stage}")(out, progress)
         out = jnp.mean(out, axis=(1, 2))  # = the official avg_pool2d(4) on a 32x32 input
         logits = torch_dense(self.num_classes, out.shape[-1], "linear", self.dtype)(out)

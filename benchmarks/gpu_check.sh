@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One short accelerator check: the training step and PGD-50 in float32 and bfloat16, plus the
+# variants whose speed depends on the backend (attack loop form, FPCM filter implementation).
+#
+#     bash benchmarks/gpu_check.sh results/gpu      # JSON lines -> results/gpu/*.jsonl
+#
+# Each benchmark prints one JSON line (images_per_second, compile_seconds, flops_per_step,
+# achieved_tflops). MODEL, BATCH and STEPS override the defaults (resnet18, 128, 5), e.g.
+# MODEL=wrn-10-1 BATCH=8 STEPS=1 for a quick smoke run on CPU. Takes about 5 minutes on one
+# GPU (mostly compilation); the python in PATH must have the project's requirements.
+set -euo pipefail
+out="${1:?usage: bash benchmarks/gpu_check.sh OUTPUT_FOLDER}"
+model="${MODEL:-resnet18}"
+batch="${BATCH:-128}"
+steps="${STEPS:-5}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python}"
+mkdir -p "$out"
+"$python" -c "import jax; print(jax.devices())" > "$out/devices.txt"
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/nvidia_smi.csv" \
+    2>/dev/null || true
+
+step() { "$python" "$here/train_step.py" --model "$model" --batch "$batch" --steps "$steps" "$@" \
+    | tee -a "$out/train_step.jsonl"; }
+attack() { "$python" "$here/attacks.py" --model "$model" --batch "$batch" --attack pgd50 \
+    --repeats "$steps" "$@" | tee -a "$out/attacks.jsonl"; }
+
+step --dtype float32
+step --dtype bfloat16
+step --dtype float32 --no-fpcm
+step --dtype bfloat16 --no-fpcm
+step --dtype float32 --loop unrolled
+step --dtype float32 --loop fori
+step --dtype float32 --fpcm-lowpass matmul
+step --dtype float32 --fpcm-lowpass fft
+attack --dtype float32
+attack --dtype bfloat16
+echo "results in $out"
