@@ -13,7 +13,8 @@ For a feature map x of shape (B, H, W, C), with P = H*W tokens in raster order:
 
 The official code transforms along the channel axis as well, but its filter is constant along
 channels, so that transform cancels exactly and is not computed here. The filter is real and
-even, so a real FFT along the tokens gives the same L at about half the work.
+even, so a real FFT gives the same L at about half the work; it runs over the flattened
+token-channel axis (no transposes), or on small maps as a dense circulant matrix.
 
 The cutoff fraction follows training progress in [0, 1] (a traced value: changing it never
 recompiles): fraction = start + (end - start) * clip(progress, 0, 1). The official ResNet-18
@@ -52,7 +53,7 @@ def token_gaussian_filter(num_tokens: int, fraction) -> jax.Array:
 
 
 LOWPASS_IMPLS = ("auto", "fft", "matmul")
-MATMUL_MAX_TOKENS = 256  # 'auto' uses the circulant matmul up to this P on CPU (measured there)
+MATMUL_MAX_TOKENS = 64  # 'auto' uses the circulant matmul up to this P on CPU (measured there)
 
 
 def token_kernel(num_tokens: int, fraction) -> jax.Array:
@@ -84,14 +85,20 @@ def pick_lowpass_impl(impl: str, num_tokens: int) -> str:
 
 def _token_filter(tokens: jax.Array, fraction, impl: str) -> jax.Array:
     """Circular convolution of (B, P, C) float32 tokens with the Gaussian kernel, along P."""
-    num_tokens = tokens.shape[1]
+    batch, num_tokens, channels = tokens.shape
     if impl == "matmul":  # exact dense form: no FFT and no transposes around it
         matrix = circulant(token_kernel(num_tokens, fraction))
         return jnp.einsum("pq,bqc->bpc", matrix, tokens,
                           precision=jax.lax.Precision.HIGHEST)
-    spectrum = jnp.fft.rfft(tokens, axis=1)
-    gain = token_gaussian_filter(num_tokens, fraction)[None, :, None]
-    return jnp.fft.irfft(spectrum * gain, n=num_tokens, axis=1)
+    # One real FFT over the flattened (P*C) axis, the minor one, so nothing is transposed:
+    # a circular convolution along P of every channel is a circular convolution along P*C
+    # with the kernel spread C apart, whose spectrum is G repeated, G'[k] = G[k mod P].
+    length = num_tokens * channels
+    half = token_gaussian_filter(num_tokens, fraction)        # G[0 .. P//2]
+    full = jnp.concatenate([half, half[1:(num_tokens + 1) // 2][::-1]])  # G[0 .. P-1]
+    gain = jnp.tile(full, channels)[:length // 2 + 1]
+    spectrum = jnp.fft.rfft(tokens.reshape(batch, length), axis=-1)
+    return jnp.fft.irfft(spectrum * gain, n=length, axis=-1).reshape(tokens.shape)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -105,7 +112,7 @@ def _symmetric_token_filter_fwd(tokens, fraction, impl):
 
 def _symmetric_token_filter_bwd(impl, fraction, cotangent):
     # The filter is a circulant matrix with a real even kernel, hence symmetric: its transpose
-    # is itself. Autodiff through rfft/irfft would instead run full complex FFTs.
+    # is itself. Autodiff through rfft/irfft would add padding, slicing and masks around it.
     return _token_filter(cotangent, fraction, impl), jnp.zeros_like(fraction)
 
 
@@ -115,9 +122,9 @@ _symmetric_token_filter.defvjp(_symmetric_token_filter_fwd, _symmetric_token_fil
 def token_lowpass(x: jax.Array, fraction, impl: str = "auto") -> jax.Array:
     """Gaussian low-pass of an NHWC map along its raster-ordered token axis (official FPCM).
 
-    `impl` 'fft' (real FFT along the tokens) and 'matmul' (the same filter as a dense circulant
-    matrix) compute the same L up to float32 rounding; 'auto' picks the faster for the size and
-    backend (`pick_lowpass_impl`). Reverse-mode gradients use the filter's symmetry; no gradient
+    `impl` 'fft' (one real FFT over the flattened token-channel axis) and 'matmul' (the same
+    filter as a dense circulant matrix) compute the same L up to float32 rounding; 'auto'
+    picks the faster for the size and backend (`pick_lowpass_impl`). Reverse-mode gradients use the filter's symmetry; no gradient
     flows to `fraction`, and forward-mode (jax.jvp) is not supported (a custom VJP).
     """
     batch, height, width, channels = x.shape
