@@ -97,6 +97,8 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+    from fpcm_jax import parallel
+    parallel.set_default_xla_flags()  # before JAX starts its backends
     try:
         sys.exit(main(parse_flags(sys.argv)))
     except app.UsageError as error:

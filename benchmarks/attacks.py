@@ -19,6 +19,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fpcm_jax import parallel  # noqa: E402
+
+parallel.set_default_xla_flags()  # as main.py does, before JAX starts its backends
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -49,7 +52,8 @@ def main():
     record = {"benchmark": "attack", "attack": args.attack, "model": args.model,
               "fpcm": not args.no_fpcm, "batch": args.batch, "dtype": args.dtype,
               "fpcm_lowpass": args.fpcm_lowpass, "devices": jax.device_count(),
-              "platform": jax.devices()[0].platform, "jax": jax.__version__}
+              "platform": jax.devices()[0].platform, "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.attack == "autoattack":
         timings = []
         for _ in range(2):

@@ -16,6 +16,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fpcm_jax import parallel  # noqa: E402
+
+parallel.set_default_xla_flags()  # as main.py does, before JAX starts its backends
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -99,7 +102,8 @@ def main():
         "step_seconds_median": round(median, 4), "compile_seconds": round(compile_seconds, 2),
         "flops_per_step": flops, "achieved_tflops": round(flops / median / 1e12, 3),
         "timed_steps": args.steps, "devices": jax.device_count(),
-        "platform": jax.devices()[0].platform, "jax": jax.__version__}))
+        "platform": jax.devices()[0].platform, "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", "")}))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def run_steps(config, mesh, num_steps, steps_per_epoch=2, trace_limit=None):
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 def test_four_device_step_matches_one_device(bn_mode):
     assert jax.device_count() == 4
-    config = tiny_config(attack__bn_mode=bn_mode)
+    # The FFT filter rounds the same whatever the per-device batch; the circulant matmul's
+    # blocking does not, and PGD's sign() turns such 1e-7 differences into flipped pixels.
+    config = tiny_config(attack__bn_mode=bn_mode, model__fpcm_lowpass="fft")
     one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     state_4, metrics_4 = run_steps(config, parallel.make_mesh(), 2)
     state_1, metrics_1 = run_steps(config, one, 2)
@@ -284,3 +286,17 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     saved = [int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()]
     assert len(saved) == 1 and 2 <= saved[0] < 500
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_default_xla_flags_respect_the_users_setting(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    parallel.set_default_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
+                                               *parallel.DEFAULT_XLA_FLAGS]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    parallel.set_default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("FPCM_JAX_DEFAULT_XLA_FLAGS", "0")
+    parallel.set_default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == ""
