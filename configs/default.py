@@ -20,7 +20,7 @@ def get_config():
     config.model.cutoff_start = 0.5         # D0 / P at the start of training
     config.model.cutoff_end = 0.125         # D0 / P at the end of training and in evaluation
     config.model.fpcm_lowpass = "auto"      # fft | matmul (dense circulant) | auto: same filter,
-                                            # auto = matmul for P <= 256 on CPU, else fft
+                                            # auto = matmul for P <= 64 on CPU, else fft
     config.model.dtype = "float32"          # float32 | bfloat16 (mixed precision: float32
                                             # parameters, BN statistics, FPCM filter and loss)
     config.model.normalization = "none"     # none (official ResNet-18) | cifar10 (official WRN) | dataset
