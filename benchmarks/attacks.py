@@ -53,7 +53,7 @@ def main():
               "fpcm": not args.no_fpcm, "batch": args.batch, "dtype": args.dtype,
               "fpcm_lowpass": args.fpcm_lowpass, "devices": jax.device_count(),
               "platform": jax.devices()[0].platform, "jax": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", "")}
+              "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.attack == "autoattack":
         timings = []
         for _ in range(2):

@@ -124,8 +124,9 @@ def token_lowpass(x: jax.Array, fraction, impl: str = "auto") -> jax.Array:
 
     `impl` 'fft' (one real FFT over the flattened token-channel axis) and 'matmul' (the same
     filter as a dense circulant matrix) compute the same L up to float32 rounding; 'auto'
-    picks the faster for the size and backend (`pick_lowpass_impl`). Reverse-mode gradients use the filter's symmetry; no gradient
-    flows to `fraction`, and forward-mode (jax.jvp) is not supported (a custom VJP).
+    picks the faster for the size and backend (`pick_lowpass_impl`). Reverse-mode gradients
+    use the filter's symmetry; no gradient flows to `fraction`, and forward-mode (jax.jvp) is
+    not supported (a custom VJP).
     """
     batch, height, width, channels = x.shape
     num_tokens = height * width

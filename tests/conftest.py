@@ -33,16 +33,26 @@ def official_wrn16_2():
     return load_official_fixture("wrn16_2")
 
 
-def train_tiny_run(workdir):
-    """A one-epoch PGD-AT run of a very small tiny-config model; returns its config."""
+def tiny_config(**changes):
+    """configs/tiny.py with widths 8, PGD-2, 2 epochs; changes as section__name=value."""
     from configs import tiny
-    from fpcm_jax import train
 
     config = tiny.get_config()
     config.model.widths = (8, 8, 8, 8)
-    config.attack.steps = 1
-    config.train.epochs = 1
+    config.attack.steps = 2
+    config.train.epochs = 2
     config.eval.attack_steps = 1
-    config.train.final_test_attack_steps = 0
+    config.train.final_test_attack_steps = 1
+    for key, value in changes.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+def train_tiny_run(workdir):
+    """A one-epoch PGD-AT run of a very small tiny-config model; returns its config."""
+    from fpcm_jax import train
+
+    config = tiny_config(attack__steps=1, train__epochs=1, train__final_test_attack_steps=0)
     train.train_and_evaluate(config, str(workdir))
     return config

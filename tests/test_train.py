@@ -15,23 +15,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import tiny
+from conftest import tiny_config
 from fpcm_jax import checkpoint, data, losses, models, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**changes):
-    config = tiny.get_config()
-    config.model.widths = (8, 8, 8, 8)
-    config.attack.steps = 2
-    config.train.epochs = 2
-    config.eval.attack_steps = 1
-    config.train.final_test_attack_steps = 1
-    for key, value in changes.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
 
 
 def random_batch(size=8, seed=0):

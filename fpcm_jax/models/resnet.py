@@ -69,7 +69,8 @@ class ResNet(nn.Module):
                 name = f"layer{stage}_{block}"
                 out = BasicBlock(width, stride, self.dtype, name=name)(out, train)
             if self.fpcm:
-                out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end, self.fpcm_lowpass,
+                out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
+                           self.fpcm_lowpass,
                            name=f"attn{stage}")(out, progress)
         out = jnp.mean(out, axis=(1, 2))  # = the official avg_pool2d(4) on a 32x32 input
         logits = torch_dense(self.num_classes, out.shape[-1], "linear", self.dtype)(out)

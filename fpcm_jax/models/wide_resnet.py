@@ -71,7 +71,8 @@ class WideResNet(nn.Module):
                 out = PreActBlock(width, stride, self.dtype,
                                   name=f"block{group}_layer_{block}")(out, train)
             if self.fpcm:
-                out = FPCM("dense", self.fpcm_variant, self.cutoff_start, self.cutoff_end, self.fpcm_lowpass,
+                out = FPCM("dense", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
+                           self.fpcm_lowpass,
                            name=f"attn{group}")(out, progress)
         out = nn.relu(BatchNorm(name="bn1")(out, not train))
         out = jnp.mean(out, axis=(1, 2))  # = the official avg_pool2d(8) on a 32x32 input
