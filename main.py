@@ -1,4 +1,4 @@
-"""fpcm-jax command line: train, evaluate, or describe the model a config builds.
+"""fpcm-jax command line: train, evaluate, analyse, or describe the model a config builds.
 
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18          # train
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18 --mode eval --attack pgd50
@@ -6,6 +6,10 @@
         --checkpoint runs/official_r18 --workdir runs/official_r18
     python main.py --config configs/tiny.py --mode analyze --checkpoints runs/a,runs/b --workdir runs/an
     python main.py --config configs/cifar10_resnet18.py --mode info                 # model only
+
+Several processes (hosts): the same command on each, with --coordinator_address HOST:PORT
+--num_processes K --process_id I (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
+$JAX_PROCESS_ID; or --config.multihost=True where JAX detects the cluster: TPU, Slurm).
 """
 
 import sys
@@ -20,56 +24,78 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and rep
 flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "info"], "What to do.")
 flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, pgdN, cwN, "
                     "apgd-ce, apgd-t, fab-t, square, autoattack).")
-flags.DEFINE_string("checkpoint", None, "eval: checkpoint directory (default: the workdir's "
-                    "best_robust/, else best_sum/).")
+flags.DEFINE_string("checkpoint", None, "eval: a model checkpoint or a run directory (default: "
+                    "the workdir's best_robust/, else best_sum/).")
 flags.DEFINE_float("eps", None, "eval: L-inf radius (default: config.attack.eps = 8/255).")
+flags.DEFINE_float("step_size", None, "eval: step of pgdN and cwN (default: "
+                   "config.attack.step_size = 2/255).")
 flags.DEFINE_integer("num_examples", None, "eval: the first N examples (default: all).")
 flags.DEFINE_integer("batch_size", None, "eval: batch size (default: config.eval.batch_size).")
 flags.DEFINE_integer("seed", 0, "eval: random seed of the attacks.")
 flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "eval: which split.")
 flags.DEFINE_list("checkpoints", None, "analyze: run directories or checkpoints, comma list.")
 flags.DEFINE_list("labels", None, "analyze: a label per checkpoint (default: the run names).")
+flags.DEFINE_string("coordinator_address", None, "several processes: HOST:PORT of process 0's "
+                    "coordinator (default: $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "several processes: how many (default: "
+                     "$JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "several processes: this one's index, 0 to K-1 "
+                     "(default: $JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config"])
 
 
 def describe(config) -> None:
     import jax
 
-    from fpcm_jax import convert, models
-    model, spec = models.build(config)
-    params = convert.variables_template(model, spec.image_size)["params"]
+    from fpcm_jax import experiment, models
+    model, spec = experiment.build(config)
+    params = models.variables_template(model, spec.image_size)["params"]
     count = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
     print(f"{config.model.name} (FPCM: {config.model.fpcm}) for {config.data.name}: "
           f"{count:,} parameters; {jax.device_count()} device(s): {jax.devices()[0].platform}.")
 
 
-def main(argv):
+def model_overrides(argv, config):
+    """The model fields given on the command line (--config.model.X=...), with their values."""
+    prefix = "--config.model."
+    fields = {arg[len(prefix):].split("=")[0] for arg in argv if arg.startswith(prefix)}
+    return {field: config.model[field] for field in fields if field in config.model}
+
+
+def main(argv, overrides):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = FLAGS.config
-    if FLAGS.mode == "info":
-        describe(config)
-        return 0
-    if not FLAGS.workdir:
+    if FLAGS.mode != "info" and not FLAGS.workdir:
         raise app.UsageError(f"--workdir is required for --mode {FLAGS.mode}.")
-    from fpcm_jax import data, evaluate, train
+    from fpcm_jax import data, evaluate, parallel, train  # none of them starts a backend
     try:
+        parallel.setup(config.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
+                       FLAGS.process_id)
+        if FLAGS.mode == "info":
+            describe(config)
+            return 0
         if FLAGS.mode == "analyze":
             from fpcm_jax import analysis
             if not FLAGS.checkpoints:
-                raise ValueError("--mode analyze needs --checkpoints A,B,...")
-            result = analysis.run_analysis(config, FLAGS.checkpoints, FLAGS.workdir, FLAGS.labels)
-            print(f"Wrote {result['path']} and {', '.join(result['figures'])}")
+                raise ValueError("--mode analyze needs --checkpoints A,B,... (run directories "
+                                 "or model checkpoints).")
+            result = analysis.run_analysis(config, FLAGS.checkpoints, FLAGS.workdir, FLAGS.labels,
+                                           overrides)
+            if parallel.is_main_process():
+                print(f"Wrote {result['path']} and {', '.join(result['figures'])}")
             return 0
         if FLAGS.mode == "eval":
             names = evaluate.parse_attack_names(FLAGS.attack)
             evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
                                     FLAGS.num_examples, FLAGS.batch_size, FLAGS.eps, FLAGS.seed,
-                                    FLAGS.split)
+                                    FLAGS.split, step_size=FLAGS.step_size,
+                                    model_overrides=overrides)
             return 0
         result = train.train_and_evaluate(config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, data.DatasetError, train.TrainingError) as error:
+    except (ValueError, FileNotFoundError, data.DatasetError, train.TrainingError,
+            parallel.SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed
@@ -97,10 +123,9 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
-    from fpcm_jax import parallel
-    parallel.set_default_xla_flags()  # before JAX starts its backends
     try:
-        sys.exit(main(parse_flags(sys.argv)))
+        remaining = parse_flags(sys.argv)
+        sys.exit(main(remaining, model_overrides(sys.argv, FLAGS.config)))
     except app.UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from fpcm_jax import layers, models, parallel, train  # noqa: E402
+from fpcm_jax import experiment, layers, models, parallel, train  # noqa: E402
 
 
 def program_flops(lowered) -> float:
@@ -65,7 +65,7 @@ def main():
     config.model.fpcm_lowpass = args.fpcm_lowpass
     steps_per_epoch = 1000
     mesh = parallel.make_mesh()
-    model, spec = models.build(config)
+    model, spec = experiment.build(config)
     tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
     state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size),
                            parallel.replicated(mesh))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fpcm_jax import checkpoint, convert, data, models
+from fpcm_jax import checkpoint, data, parallel
 
 MAX_RADIUS = float(np.sqrt(0.5))  # the corner of the spectrum, in cycles per pixel
 
@@ -190,34 +190,21 @@ def _stage_ends(outputs: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
     return dict(sorted(stages.items()))
 
 
-def load_checkpoint_model(path: str, config) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
-    """(model, variables, info) for a run directory (its best_robust/) or a model checkpoint."""
-    from fpcm_jax import evaluate
-
-    if not os.path.exists(os.path.join(path, checkpoint.MODEL_INFO_FILE)):
-        path = evaluate.default_checkpoint(path)
-    with open(os.path.join(path, checkpoint.MODEL_INFO_FILE)) as handle:
-        info = json.load(handle)
-    spec = data.get_spec(config.data.name)
-    if "normalization" in info:  # written by training: the full model section
-        model_config = config.model.copy_and_resolve_references()
-        with model_config.unlocked():
-            for key in model_config:
-                if key in info:
-                    model_config[key] = info[key]
-        mean, std = data.normalization(model_config.normalization, spec)
-        model = models.from_config(model_config, info["num_classes"], mean, std)
-    else:  # written by fpcm_jax.convert
-        model = models.create(info["name"], num_classes=info["num_classes"],
-                              fpcm=info.get("fpcm", True))
-    variables, info = checkpoint.load_variables(path, convert.variables_template(
-        model, spec.image_size))
-    return model, variables, info
+def load_checkpoint_model(path: str, config, overrides=None
+                          ) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
+    """(model, variables as host arrays, info) for a run directory (its best_robust/) or a
+    model checkpoint; the analyses then run on each process's own first device."""
+    model, variables, info, _ = checkpoint.load_model(path, overrides=overrides,
+                                                      dtype=config.model.dtype,
+                                                      fpcm_lowpass=config.model.fpcm_lowpass)
+    return model, jax.device_get(variables), info
 
 
 def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
-                 labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """All analyses for each checkpoint; writes analysis.json and the PNG plots to workdir."""
+                 labels: Optional[Sequence[str]] = None,
+                 model_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """All analyses for each checkpoint; writes analysis.json and the PNG plots to workdir
+    (process 0 only, when several processes run it)."""
     settings = config.analysis
     labels = list(labels) if labels else [_label(p) for p in checkpoint_paths]
     if len(labels) != len(checkpoint_paths):
@@ -235,7 +222,7 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
                                "settings": settings.to_dict(), "filter_radii": radii,
                                "models": {}}
     for label, path in zip(labels, checkpoint_paths):
-        model, variables, _ = load_checkpoint_model(path, config)
+        model, variables, _ = load_checkpoint_model(path, config, model_overrides)
         analyzer = Analyzer(model, variables, config.eval.batch_size)
         alphas = analyzer.alphas(x)
         results["models"][label] = {
@@ -249,16 +236,17 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
             "feature_high_frequency_share": analyzer.stage_features(x[:settings.feature_examples]),
         }
         results["models"][label]["_alpha_samples"] = {k: v for k, v in alphas.items()}
-    os.makedirs(workdir, exist_ok=True)
-    from fpcm_jax import plots
-    figures = plots.write_all(results, workdir)
+    path = os.path.join(workdir, "analysis.json")
+    if parallel.is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        from fpcm_jax import plots
+        results["figures"] = plots.write_all(results, workdir)
     for model_result in results["models"].values():
         model_result.pop("_alpha_samples")
-    results["figures"] = figures
-    path = os.path.join(workdir, "analysis.json")
-    with open(path + ".partial", "w") as handle:
-        json.dump(results, handle, indent=1)
-    os.replace(path + ".partial", path)
+    if parallel.is_main_process():
+        with open(path + ".partial", "w") as handle:
+            json.dump(results, handle, indent=1)
+        os.replace(path + ".partial", path)
     results["path"] = path
     return results
 

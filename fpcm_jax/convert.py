@@ -24,6 +24,8 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from fpcm_jax import models
+
 IGNORED_SUFFIXES = ("learnable_freq_control", "num_batches_tracked")
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
@@ -98,17 +100,11 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def variables_template(model: nn.Module, image_size: int = 32) -> Dict[str, Any]:
-    """Shapes of the model's variables, without computing anything."""
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
-
-
 def from_official(source: Union[str, os.PathLike, Mapping[str, Any]], model: nn.Module,
                   image_size: int = 32) -> Dict[str, Any]:
     """Official PyTorch state_dict -> {'params': ..., 'batch_stats': ...} for `model`."""
     state = load_state_dict(source)
-    template = variables_template(model, image_size)
+    template = models.variables_template(model, image_size)
     used = set()
     variables: Dict[str, Any] = {}
     for collection in ("params", "batch_stats"):
@@ -165,12 +161,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory for the orbax checkpoint")
     args = parser.parse_args(argv)
 
-    from fpcm_jax import checkpoint, models
+    from fpcm_jax import checkpoint, experiment, parallel
+    parallel.setup()
     try:
-        model = models.create(args.model, num_classes=args.num_classes, fpcm=not args.no_fpcm)
+        model_info = {**experiment.official_model_section(args.model), "fpcm": not args.no_fpcm,
+                      "num_classes": args.num_classes, "dataset": None,
+                      "source": os.path.abspath(args.checkpoint)}
+        model = experiment.model_from_description(model_info)
         variables = from_official(args.checkpoint, model)
-        model_info = {"name": args.model, "num_classes": args.num_classes,
-                      "fpcm": not args.no_fpcm, "source": os.path.abspath(args.checkpoint)}
         checkpoint.save_variables(args.out, variables, model_info)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

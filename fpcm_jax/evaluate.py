@@ -8,6 +8,7 @@ convention), so robust accuracy never exceeds clean accuracy.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 from tqdm import tqdm
 
-from fpcm_jax import attacks, checkpoint, convert, data, models, parallel
+from fpcm_jax import attacks, checkpoint, data, experiment, parallel
 
 
 def make_eval_step(model: nn.Module, attack: Callable, mesh) -> Callable:
@@ -39,14 +40,33 @@ def make_eval_step(model: nn.Module, attack: Callable, mesh) -> Callable:
                    out_shardings=(repl, repl))
 
 
+MAX_BATCHES_IN_FLIGHT = 8  # dispatched ahead of the results shown; bounds device memory
+
+
 def evaluate_split(eval_step: Callable, variables: Any, split: data.Split, batch_size: int,
                    key: jax.Array, mesh, limit: Optional[int] = None,
                    progress: Optional[Callable[[int, int, int], None]] = None) -> Dict[str, float]:
-    """Clean and robust accuracy over the first `limit` (default all) examples of a split."""
+    """Clean and robust accuracy over the first `limit` (default all) examples of a split.
+
+    Batches are dispatched without waiting for their results; `progress(done, clean, robust)`
+    sees those that are ready, so the host never stalls the device between batches.
+    """
     parallel.check_batch_size(batch_size, "eval.batch_size")
     count = len(split) if limit is None else min(limit, len(split))
     sharded = parallel.batch_sharded(mesh)
-    clean = robust = 0
+    pending = collections.deque()  # (examples done, clean count, robust count) on device
+    totals = {"done": 0, "clean": 0, "robust": 0}
+
+    def collect(keep: int) -> None:
+        """Add finished batches in order; wait only while more than `keep` are pending."""
+        while pending and (len(pending) > keep or pending[0][1].is_ready()):
+            stop, clean, robust = pending.popleft()
+            totals["done"] = stop
+            totals["clean"] += int(clean)
+            totals["robust"] += int(robust)
+            if progress is not None:
+                progress(stop, totals["clean"], totals["robust"])
+
     start_time = time.time()
     for batch_index, start in enumerate(range(0, count, batch_size)):
         stop = min(start + batch_size, count)
@@ -55,13 +75,12 @@ def evaluate_split(eval_step: Callable, variables: Any, split: data.Split, batch
         labels = np.pad(split.labels[start:stop], (0, pad))
         mask = np.arange(batch_size) < stop - start
         batch = [parallel.global_array(a, sharded) for a in (images, labels, mask)]
-        c, r = eval_step(variables, *batch, jax.random.fold_in(key, batch_index))
-        clean, robust = clean + int(c), robust + int(r)
-        if progress is not None:
-            progress(stop, clean, robust)
+        pending.append((stop, *eval_step(variables, *batch, jax.random.fold_in(key, batch_index))))
+        collect(MAX_BATCHES_IN_FLIGHT)
+    collect(0)
     seconds = time.time() - start_time
-    return {"examples": count, "clean_acc": clean / max(count, 1),
-            "robust_acc": robust / max(count, 1), "seconds": seconds}
+    return {"examples": count, "clean_acc": totals["clean"] / max(count, 1),
+            "robust_acc": totals["robust"] / max(count, 1), "seconds": seconds}
 
 
 def pgd_eval_step(model: nn.Module, mesh, steps: int, eps: float = 8 / 255,
@@ -86,47 +105,64 @@ def parse_attack_names(text: str) -> List[str]:
     return names
 
 
-def default_checkpoint(workdir: str) -> str:
-    """The best checkpoint of a training run: best_robust, else best_sum."""
-    for name in ("best_robust", "best_sum"):
-        path = os.path.join(workdir, name)
-        if os.path.exists(os.path.join(path, checkpoint.MODEL_INFO_FILE)):
-            return path
-    raise FileNotFoundError(f"No best checkpoint (best_robust/ or best_sum/) in {workdir}; "
-                            f"train there first or pass --checkpoint PATH (e.g. a directory "
-                            f"written by `python -m fpcm_jax.convert`).")
+def check_options(num_examples: Optional[int], batch_size: Optional[int],
+                  eps: Optional[float], step_size: Optional[float]) -> None:
+    """Clear errors for evaluation options, before anything is loaded or written."""
+    for name, value in (("--num_examples", num_examples), ("--batch_size", batch_size)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}={value} must be positive (leave it out for "
+                             f"{'all examples' if name == '--num_examples' else 'the default'}).")
+    for name, value in (("--eps", eps), ("--step_size", step_size)):
+        if value is not None and not (0 <= value <= 1 and np.isfinite(value)):
+            raise ValueError(f"{name}={value} must lie in [0, 1] (images are in [0, 1]; "
+                             f"8/255 is 0.03137).")
 
 
 def run_evaluation(config, workdir: str, attack_names: List[str],
                    checkpoint_path: Optional[str] = None, num_examples: Optional[int] = None,
                    batch_size: Optional[int] = None, eps: Optional[float] = None,
                    seed: int = 0, split: str = "test",
-                   autoattack_options: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+                   autoattack_options: Optional[Dict[str, int]] = None,
+                   step_size: Optional[float] = None,
+                   model_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report.
 
+    The model comes from the checkpoint (`checkpoint.load_model`: its model.json), the data
+    from config.data; `model_overrides` are model fields given on the command line, which must
+    agree with the checkpoint. eps and step_size default to config.attack's.
     autoattack_options (n_iter, n_queries, n_target_classes) depart from the published
     parameters: for quick checks only; the report records them.
     """
+    check_options(num_examples, batch_size, eps, step_size)
     autoattack_options = dict(autoattack_options or {})
-    model, spec = models.build(config)
-    path = checkpoint_path or default_checkpoint(workdir)
-    template = convert.variables_template(model, spec.image_size)
-    variables, info = checkpoint.load_variables(path, template)
+    eps = config.attack.eps if eps is None else eps
+    step_size = config.attack.step_size if step_size is None else step_size
+    batch_size = batch_size or config.eval.batch_size
+    parallel.check_batch_size(batch_size, "--batch_size")
+    mesh = parallel.make_mesh()
+    model, variables, info, path = checkpoint.load_model(
+        checkpoint_path or workdir, mesh, model_overrides, config.model.dtype,
+        config.model.fpcm_lowpass)
+    spec = data.get_spec(config.data.name)
+    if info["num_classes"] != spec.num_classes:
+        raise ValueError(f"The checkpoint {path} classifies {info['num_classes']} classes, "
+                         f"{config.data.name} has {spec.num_classes}: evaluate it with the "
+                         f"config of its dataset ({info.get('dataset') or 'see its model.json'}).")
     train_split, val_split, test_split = data.load(
         config.data.name, config.data.data_dir, config.data.validation_size,
         config.data.prepare, config.seed)
     chosen = {"test": test_split, "validation": val_split, "train": train_split}[split]
     count = len(chosen) if num_examples is None else min(num_examples, len(chosen))
     subset = data.Split(chosen.images[:count], chosen.labels[:count])
-    eps = config.attack.eps if eps is None else eps
-    batch_size = batch_size or config.eval.batch_size
-    mesh = parallel.make_mesh()
     key = jax.random.key(seed)
     logits_fn = lambda params, x: model.apply(params, x, train=False, progress=1.0)
-    report = {"model": model_description(config, spec), "checkpoint": os.path.abspath(path),
-              "checkpoint_info": info, "split": split, "examples": count, "eps": eps,
-              "seed": seed, "batch_size": batch_size, "attacks": {}, "warnings": []}
+    report = {"model": {**experiment.complete(info), "dtype": config.model.dtype},
+              "checkpoint": path, "checkpoint_info": info, "dataset": config.data.name,
+              "split": split, "examples": count, "eps": eps, "seed": seed,
+              "batch_size": batch_size, "devices": jax.device_count(),
+              "processes": jax.process_count(), "attacks": {}, "warnings": []}
     main = parallel.is_main_process()
+    sharded = parallel.batch_sharded(mesh)
     for index, name in enumerate(attack_names):
         attack_key = jax.random.fold_in(key, index)
         start = time.time()
@@ -137,7 +173,9 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
             result = attacks.autoattack(logits_fn, data.to_float(subset.images), subset.labels,
                                         attack_key, eps, params=variables,
                                         attacks_to_run=components, batch_size=batch_size,
-                                        mesh=mesh, progress=shout, **autoattack_options)
+                                        put=lambda array: parallel.global_array(array, sharded),
+                                        fetch=parallel.fetch, progress=shout,
+                                        **autoattack_options)
             entry = {"clean_acc": result["clean_accuracy"], "robust_acc": result["robust_accuracy"],
                      "accuracy_after": result["accuracy_after"],
                      "parameters": _autoattack_parameters(eps, autoattack_options)}
@@ -145,7 +183,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         else:
             options = {} if name == "none" else {"eps": eps}
             if name.startswith(("pgd", "cw")):
-                options["step_size"] = 2 / 255
+                options["step_size"] = step_size
             step = make_eval_step(model, attacks.get(name, **options), mesh)
             bar = tqdm(total=count, desc=name, disable=not main, file=sys.stdout)
 
@@ -167,11 +205,6 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
     return report
 
 
-def model_description(config, spec) -> Dict[str, Any]:
-    return {"name": config.model.name, "fpcm": config.model.fpcm, "dataset": config.data.name,
-            "num_classes": spec.num_classes, "dtype": config.model.dtype}
-
-
 def _autoattack_parameters(eps: float, changed: Dict[str, int]) -> Dict[str, Any]:
     n_iter = changed.get("n_iter", 100)
     targets = changed.get("n_target_classes", 9)
@@ -186,7 +219,7 @@ def _autoattack_parameters(eps: float, changed: Dict[str, int]) -> Dict[str, Any
 
 def _print_table(report: Dict[str, Any]) -> None:
     print(f"\n{report['model']['name']} (FPCM {report['model']['fpcm']}) on "
-          f"{report['model']['dataset']} {report['split']}, {report['examples']} images, "
+          f"{report['dataset']} {report['split']}, {report['examples']} images, "
           f"eps {report['eps']:.5f}")
     print(f"{'attack':<12} {'clean':>8} {'robust':>8} {'seconds':>9} {'img/s':>8}")
     for name, entry in report["attacks"].items():

@@ -29,7 +29,7 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from fpcm_jax import checkpoint, data, evaluate, layers, losses, models, parallel
+from fpcm_jax import checkpoint, data, evaluate, experiment, layers, losses, models, parallel
 from fpcm_jax.attacks.pgd import pgd_iterate, uniform_start
 
 BN_MODES = ("train", "batch_stats_frozen", "eval")
@@ -194,42 +194,46 @@ def jit_train_step(train_step: Callable, mesh) -> Callable:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Clear errors for option values (unknown keys are caught when the flags are parsed)."""
+    """Clear errors for option values, before any work and before the workdir is touched
+    (unknown keys are caught when the flags are parsed). Call after `parallel.setup`."""
     choices = [("train.loss", config.train.loss, losses.LOSS_NAMES),
                ("train.schedule", config.train.schedule, SCHEDULES),
                ("train.schedule_per", config.train.schedule_per, ("epoch", "step")),
                ("train.trades_attack", config.train.trades_attack, ("ce", "kl")),
                ("attack.bn_mode", config.attack.bn_mode, BN_MODES),
                ("attack.loop", config.attack.loop, tuple(ATTACK_LOOPS)),
-               ("model.normalization", config.model.normalization, ("none", "cifar10", "dataset")),
                ("model.dtype", config.model.dtype, tuple(models.DTYPES)),
                ("model.fpcm_lowpass", config.model.fpcm_lowpass, layers.LOWPASS_IMPLS),
                ("data.name", config.data.name, tuple(data.DATASETS))]
     for name, value, valid in choices:
         if value not in valid:
             raise ValueError(f"--config.{name}={value!r} is not valid; use one of {valid}.")
-    if config.train.epochs < 1:
-        raise ValueError("--config.train.epochs must be at least 1.")
+    at_least = [("train.epochs", config.train.epochs, 1),
+                ("train.checkpoint_every_steps", config.train.checkpoint_every_steps, 0),
+                ("train.stop_after_steps", config.train.stop_after_steps, 0),
+                ("train.eval_every_epochs", config.train.eval_every_epochs, 0),
+                ("train.final_test_attack_steps", config.train.final_test_attack_steps, 0),
+                ("attack.steps", config.attack.steps, 0),
+                ("eval.attack_steps", config.eval.attack_steps, 0),
+                ("data.validation_size", config.data.validation_size, 0)]
+    for name, value, least in at_least:
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"--config.{name}={value!r} must be an integer >= {least}.")
+    for name, value in [("attack.eps", config.attack.eps),
+                        ("attack.step_size", config.attack.step_size)]:
+        if not 0 <= value <= 1:
+            raise ValueError(f"--config.{name}={value!r} must lie in [0, 1] (images are in "
+                             f"[0, 1]; 8/255 is written 0.03137).")
+    if not config.train.lr > 0:
+        raise ValueError(f"--config.train.lr={config.train.lr!r} must be positive.")
+    experiment.check_options(experiment.describe(config))
     parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
 
 
-def model_description(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
-    """What makes a checkpoint loadable by a model: compared when a workdir is reused.
-
-    How the model computes (model.dtype, model.fpcm_lowpass) is left out: the parameters are
-    the same, so a run may resume or be evaluated with other settings.
-    """
-    description = json.loads(config.model.to_json())
-    for how_computed in ("dtype", "fpcm_lowpass"):
-        description.pop(how_computed, None)
-    description["num_classes"] = num_classes
-    description["dataset"] = config.data.name
-    return description
-
-
 class _StopFlag:
-    """Set by SIGTERM: the loop saves a resumable checkpoint and exits."""
+    """Set by SIGTERM in this process. The loop acts on the processes' agreed vote (any of
+    them signalled), so every process saves the same step and exits together."""
 
     def __init__(self):
         self.requested = False
@@ -241,13 +245,12 @@ class _StopFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Train (or resume) in `workdir`; returns the final summary."""
     validate_config(config)
-    parallel.maybe_initialize_distributed(config.multihost)
     main = parallel.is_main_process()
-    model, spec = models.build(config)
+    model, spec = experiment.build(config)
     train_split, val_split, test_split = data.load(
         config.data.name, config.data.data_dir, config.data.validation_size,
         config.data.prepare, config.seed)
-    run = checkpoint.RunDirectory(workdir, model_description(config, spec.num_classes))
+    run = checkpoint.RunDirectory(workdir, experiment.describe(config))
     batch_size = config.train.batch_size
     steps_per_epoch = len(train_split) // batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
@@ -267,8 +270,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     images = parallel.global_array(train_split.images, repl)
     labels = parallel.global_array(train_split.labels, repl)
-    gather = jax.jit(lambda imgs, lbls, idx: {"images": imgs[idx], "labels": lbls[idx]},
-                     out_shardings=sharded)
+    # The batch, and whether any process has been told to stop: every process reads the same
+    # vote for the same step, without an extra collective or host sync.
+    gather = jax.jit(lambda imgs, lbls, idx, votes: (
+        {"images": imgs[idx], "labels": lbls[idx]}, jnp.any(votes)),
+        out_shardings=(sharded, repl))
     train_step = jit_train_step(make_train_step(model, tx, learning_rate, config,
                                                 steps_per_epoch), mesh)
     eval_step = evaluate.pgd_eval_step(model, mesh, config.eval.attack_steps,
@@ -306,9 +312,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             while step < total_steps and step // steps_per_epoch == epoch:
                 position = step % steps_per_epoch
                 indices = order[position * batch_size:(position + 1) * batch_size]
-                batch = gather(images, labels, parallel.global_array(indices, sharded))
+                batch, stop_vote = gather(images, labels, parallel.global_array(indices, sharded),
+                                          parallel.process_votes(stop.requested, mesh))
                 state, metrics = train_step(state, batch, train_key)
                 shown = settle(pending)
+                stop_agreed = bool(stop_vote)  # ready: gather ran before this step
                 pending = (step, metrics)
                 step += 1
                 epoch_images += batch_size
@@ -318,8 +326,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                     adv=f"{shown['adv_acc']:.3f}", img_s=f"{rate:.1f}")
                 bar.update(1)
                 end_of_epoch = step % steps_per_epoch == 0
-                due = step % config.train.checkpoint_every_steps == 0 or end_of_epoch
-                interrupted = stop.requested or (stop_after and step - start_step >= stop_after)
+                every = config.train.checkpoint_every_steps  # 0: at epoch ends only
+                due = (every and step % every == 0) or end_of_epoch
+                interrupted = stop_agreed or (stop_after and step - start_step >= stop_after)
                 if due or interrupted or step == total_steps:
                     settle(pending)
                     pending = None
@@ -329,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     run.save_latest(state, best)
                 if interrupted:
                     bar.close()
-                    reason = "SIGTERM" if stop.requested else "train.stop_after_steps"
+                    reason = "SIGTERM" if stop_agreed else "train.stop_after_steps"
                     if main:
                         print(f"Stopped at step {step} ({reason}); run the same command to "
                               f"resume from {run.checkpoint_dir}.")

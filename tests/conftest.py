@@ -1,17 +1,27 @@
-"""Test setup: 4 fake CPU devices (set before JAX starts) and shared helpers."""
+"""Test setup: 4 fake CPU devices (set before JAX starts) and shared helpers.
+
+On a GPU (`JAX_PLATFORMS=cuda python -m pytest`) the tests that need 4 devices are skipped
+(`needs_four_devices`); the multi-process tests run their subprocesses on CPU devices.
+"""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # JAX_PLATFORMS=cuda runs the suite on a GPU
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU shared with subprocesses
 
 import json  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from official_weights import synthetic_state_dict  # noqa: E402
+
+
+needs_four_devices = pytest.mark.skipif(
+    jax.device_count() < 4, reason="needs 4 devices (the fake CPU devices of conftest.py)")
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -56,3 +66,17 @@ def train_tiny_run(workdir):
     config = tiny_config(attack__steps=1, train__epochs=1, train__final_test_attack_steps=0)
     train.train_and_evaluate(config, str(workdir))
     return config
+
+
+def read_train_state(workdir, config):
+    """The latest training state saved in a run directory, as host arrays."""
+    import jax
+
+    from fpcm_jax import checkpoint, experiment, train
+
+    model, spec = experiment.build(config)
+    tx, _ = train.make_optimizer(config.train, 10)
+    template = train.create_state(model, tx, jax.random.key(0), spec.image_size)
+    run = checkpoint.RunDirectory(workdir, experiment.describe(config))
+    state, _ = run.restore_latest(template)
+    return jax.device_get(state)

@@ -163,5 +163,6 @@ def test_eval_cli_errors_are_one_line(tmp_path):
     assert "valid:" in unknown.stderr and "Traceback" not in unknown.stderr
     missing = run_main("--config", "configs/tiny.py", "--workdir", str(tmp_path), "--mode",
                        "eval", "--attack", "pgd20")
-    assert missing.returncode == 1 and "No best checkpoint" in missing.stderr
+    assert missing.returncode == 1 and "No model checkpoint" in missing.stderr
+    assert "best_robust/ or best_sum/" in missing.stderr
     assert "Traceback" not in missing.stderr

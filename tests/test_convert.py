@@ -92,7 +92,7 @@ def test_cli_writes_a_checkpoint_that_loads(official_wrn16_2, wrn, tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "713,402 parameters" in result.stdout
-    variables, info = checkpoint.load_variables(str(out), convert.variables_template(wrn))
+    variables, info = checkpoint.load_variables(str(out), models.variables_template(wrn))
     assert info["name"] == "wrn-16-2" and info["fpcm"] is True
     np.testing.assert_allclose(logits(wrn, variables, arrays["x_eval"]),
                                arrays["logits_eval_60"], rtol=1e-4, atol=1e-4)
@@ -108,7 +108,7 @@ def test_cli_writes_a_checkpoint_that_loads(official_wrn16_2, wrn, tmp_path):
 def test_loading_into_another_model_names_the_difference(official_wrn16_2, wrn, tmp_path):
     variables = convert.from_official(official_wrn16_2[1], wrn)
     checkpoint.save_variables(str(tmp_path / "ckpt"), variables, {"name": "wrn-16-2"})
-    other = convert.variables_template(models.create("wrn-16-2", num_classes=100))
+    other = models.variables_template(models.create("wrn-16-2", num_classes=100))
     with pytest.raises(ValueError, match="does not fit the model.*fc"):
         checkpoint.load_variables(str(tmp_path / "ckpt"), other)
     with pytest.raises(FileNotFoundError, match="No complete checkpoint"):

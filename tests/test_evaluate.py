@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from conftest import train_tiny_run
-from fpcm_jax import checkpoint, convert, data, evaluate, models
+from fpcm_jax import checkpoint, data, evaluate, experiment, models
 
 
 def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
@@ -16,9 +16,9 @@ def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
                                      autoattack_options={"n_iter": 5})
     assert report["examples"] == 50 and report["checkpoint"].endswith("best_robust")
     # Clean accuracy computed directly over the same 50 test images.
-    model, spec = models.build(config)
+    model, spec = experiment.build(config)
     variables, _ = checkpoint.load_variables(report["checkpoint"],
-                                             convert.variables_template(model))
+                                             models.variables_template(model))
     _, _, test_split = data.load("digits", validation_size=config.data.validation_size)
     logits = model.apply(variables, data.to_float(test_split.images[:50]), train=False)
     direct = float(np.mean(np.asarray(logits).argmax(1) == test_split.labels[:50]))

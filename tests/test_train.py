@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
-from fpcm_jax import checkpoint, data, losses, models, parallel, train
+from conftest import needs_four_devices, read_train_state, tiny_config
+from fpcm_jax import checkpoint, data, experiment, losses, models, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def random_batch(size=8, seed=0):
 
 
 def build_step(config, steps_per_epoch, mesh, trace_limit=None):
-    model, spec = models.build(config)
+    model, spec = experiment.build(config)
     tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
     step = train.make_train_step(model, tx, learning_rate, config, steps_per_epoch)
     if trace_limit:
@@ -49,9 +49,9 @@ def run_steps(config, mesh, num_steps, steps_per_epoch=2, trace_limit=None):
     return jax.device_get(state), metrics
 
 
+@needs_four_devices
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 def test_four_device_step_matches_one_device(bn_mode):
-    assert jax.device_count() == 4
     # The FFT filter rounds the same whatever the per-device batch; the circulant matmul's
     # blocking does not, and PGD's sign() turns such 1e-7 differences into flipped pixels.
     config = tiny_config(attack__bn_mode=bn_mode, model__fpcm_lowpass="fft")
@@ -192,15 +192,6 @@ def test_digits_are_real_small_data():
     assert train_split.images.shape[1:] == (32, 32, 3) and set(train_split.labels) == set(range(10))
 
 
-def read_params(workdir, config):
-    model, spec = models.build(config)
-    tx, _ = train.make_optimizer(config.train, 10)
-    template = train.create_state(model, tx, jax.random.key(0), spec.image_size)
-    run = checkpoint.RunDirectory(workdir, train.model_description(config, spec.num_classes))
-    state, best = run.restore_latest(template)
-    return jax.device_get(state)
-
-
 def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
     config = tiny_config()
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
@@ -209,8 +200,8 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
     assert stopped == {"stopped_at_step": 13, "reason": "train.stop_after_steps"}
     resumed = train.train_and_evaluate(config, str(tmp_path / "parts"))
     assert resumed["final_step"] == whole["final_step"] == 20
-    state_whole = read_params(str(tmp_path / "whole"), config)
-    state_parts = read_params(str(tmp_path / "parts"), config)
+    state_whole = read_train_state(str(tmp_path / "whole"), config)
+    state_parts = read_train_state(str(tmp_path / "parts"), config)
     chex.assert_trees_all_close(state_whole.params, state_parts.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(state_whole.batch_stats, state_parts.batch_stats, rtol=1e-6)
     assert resumed["test_clean_acc"] == whole["test_clean_acc"]
@@ -232,7 +223,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         train.train_and_evaluate(config, str(tmp_path))
     steps = sorted(int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit())
     assert steps and steps[-1] >= 1
-    state = read_params(str(tmp_path), config)
+    state = read_train_state(str(tmp_path), config)
     assert int(state.step) == steps[-1]
 
 

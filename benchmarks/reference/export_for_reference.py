@@ -5,7 +5,8 @@
 
 Writes the official-layout state_dict (`state/<name>`), the images x (NHWC in [0, 1]), the
 labels y, and fpcm-jax's logits on them (to check that both frameworks see the same model).
-Config overrides go after the flags as --config.x=y would in main.py: --override model.name=wrn-10-1.
+The model comes from the checkpoint's model.json; the config gives the data. Config overrides
+go after the flags as --config.x=y would in main.py: --override data.validation_size=100.
 """
 
 import argparse
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import numpy as np  # noqa: E402
 
-from fpcm_jax import checkpoint, convert, data, models  # noqa: E402
+from fpcm_jax import checkpoint, convert, data, parallel  # noqa: E402
 
 
 def main():
@@ -38,8 +39,8 @@ def main():
         name, value = item.split("=", 1)
         section, key = name.split(".")
         config[section][key] = ast.literal_eval(value)
-    model, dataset = models.build(config)
-    variables, _ = checkpoint.load_variables(args.checkpoint, convert.variables_template(model))
+    parallel.setup()
+    model, variables, info, _ = checkpoint.load_model(args.checkpoint)  # its model.json
     splits = data.load(config.data.name, config.data.data_dir, config.data.validation_size,
                        config.data.prepare, config.seed)
     chosen = dict(zip(["train", "validation", "test"], splits))[args.split]
@@ -47,7 +48,7 @@ def main():
     logits = model.apply(variables, x, train=False, progress=1.0)
     state = {f"state/{k}": v for k, v in convert.to_official(variables).items()}
     np.savez(args.out, x=np.asarray(x), y=chosen.labels[:args.num_examples],
-             num_classes=dataset.num_classes, jax_logits=np.asarray(logits), **state)
+             num_classes=info["num_classes"], jax_logits=np.asarray(logits), **state)
     print(f"Wrote {args.out}: {len(state)} tensors, {len(x)} points.")
 
 

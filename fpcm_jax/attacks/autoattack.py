@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcm_jax import parallel
 from fpcm_jax.attacks.apgd import apgd_stage
 from fpcm_jax.attacks.fab import fab_targeted_stage
 from fpcm_jax.attacks.square import square_stage
@@ -65,20 +65,27 @@ def _stage_function(name: str, eps: float, n_iter: int, n_queries: int) -> Calla
 def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float = 8 / 255,
                params: Any = None, attacks_to_run=STANDARD, batch_size: int = 256,
                n_iter: int = 100, n_queries: int = 5000, n_target_classes: int = 9,
-               mesh=None, progress: Optional[Callable[[str, float], None]] = None
+               put: Optional[Callable[[np.ndarray], jax.Array]] = None,
+               fetch: Optional[Callable[[jax.Array], np.ndarray]] = None,
+               progress: Optional[Callable[[str, float], None]] = None
                ) -> Dict[str, Any]:
     """Run AutoAttack over all of x (NHWC in [0, 1]) with labels y.
 
     logits_fn(x) -> logits, or logits_fn(params, x) when `params` is given (then the weights
-    are an argument of the compiled attacks, not constants baked into them).
+    are an argument of the compiled attacks, not constants baked into them, and the compiled
+    stages are kept for the next call with the same logits_fn).
+    put(numpy batch) -> device array and fetch(device array) -> numpy place the batches and
+    bring results back; the defaults use one device. For several devices or hosts, put shards
+    the batch (`batch_size` a multiple of the device count) and fetch gathers it
+    (`fpcm_jax.evaluate` passes `parallel.global_array` and `parallel.fetch`).
     Returns clean and per-component robust flags and accuracies, x_adv, times and warnings.
     """
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
-    mesh = mesh or parallel.make_mesh()
-    parallel.check_batch_size(batch_size, "AutoAttack batch_size")
+    put = put or jnp.asarray
+    fetch = fetch or np.asarray
     apply = (lambda p, inputs: logits_fn(inputs)) if params is None else logits_fn
-    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    cache = _stage_cache(logits_fn if params is not None else None)
     count = len(y)
 
     def batches(indices):
@@ -87,74 +94,84 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
             padded = np.resize(chosen, batch_size)  # repeats points to fill the last batch
             yield chosen, padded
 
-    def put(array):
-        return parallel.global_array(array, sharded)
-
-    predict = jax.jit(lambda p, inputs: apply(p, inputs), in_shardings=(repl, sharded),
-                      out_shardings=sharded)
+    predict = cache.setdefault("predict", jax.jit(apply))
     logits_list = []
     for chosen, padded in batches(np.arange(count)):
-        logits_list.append(np.asarray(predict(params, put(x[padded])))[:len(chosen)])
-    clean_logits = np.concatenate(logits_list)
+        logits_list.append(fetch(predict(params, put(x[padded])))[:len(chosen)])
+    clean_logits = np.concatenate(logits_list) if logits_list else np.zeros((0, 1), np.float32)
     robust = clean_logits.argmax(1) == y
     result = {"examples": count, "eps": eps, "clean_flags": robust.copy(),
-              "clean_accuracy": float(robust.mean()), "flags_after": {}, "accuracy_after": {},
-              "seconds": {}, "warnings": _output_warnings(predict, params, put(x[:batch_size]),
-                                                          clean_logits)}
+              "clean_accuracy": float(robust.mean()) if count else 0.0, "flags_after": {},
+              "accuracy_after": {}, "seconds": {},
+              "warnings": _output_warnings(lambda inputs: fetch(predict(params, inputs)),
+                                           put(x[np.resize(np.arange(count), batch_size)]),
+                                           clean_logits) if count else []}
     x_adv = x.copy()
     zero_grad_points = 0
     for name in attacks_to_run:
         start_time = time.time()
         component = STANDARD.index(name) if name in STANDARD else len(STANDARD)
-        run = _compiled_stage(apply, name, eps, n_iter, n_queries, mesh)
-        for stage, target_rank in enumerate(_stages(name, n_target_classes)):
+        stages = _stages(name, n_target_classes)
+        run = cache.setdefault((name, eps, n_iter, n_queries), jax.jit(functools.partial(
+            _run_stage, apply, _stage_function(name, eps, n_iter, n_queries))))
+        for stage, target_rank in enumerate(stages):
             stage_key = jax.random.fold_in(jax.random.fold_in(key, component), stage)
             for chosen, padded in batches(np.flatnonzero(robust)):
-                keys = jax.vmap(lambda i: jax.random.fold_in(stage_key, i))(jnp.asarray(padded))
                 adv, still, zero = run(params, put(x[padded]), put(y[padded]),
-                                       jax.device_put(keys, sharded), stage_key,
-                                       jnp.int32(target_rank))
-                adv, still, zero = (np.asarray(a)[:len(chosen)] for a in (adv, still, zero))
+                                       put(padded.astype(np.int32)),
+                                       np.asarray(jax.random.key_data(stage_key)),
+                                       np.int32(target_rank))
+                adv, still, zero = (fetch(a)[:len(chosen)] for a in (adv, still, zero))
                 fooled = chosen[~still]
                 x_adv[fooled] = adv[~still]
                 robust[fooled] = False
                 zero_grad_points += int(zero.sum()) if name == "apgd-t" and stage == 0 else 0
         result["flags_after"][name] = robust.copy()
-        result["accuracy_after"][name] = float(robust.mean())
+        result["accuracy_after"][name] = float(robust.mean()) if count else 0.0
         result["seconds"][name] = time.time() - start_time
         if progress is not None:
-            progress(name, float(robust.mean()))
+            progress(name, result["accuracy_after"][name])
     if zero_grad_points:
         result["warnings"].append(
             f"{zero_grad_points} points have zero gradient at the start of APGD-T: "
             f"gradient-based attacks may be unreliable for this model (gradient masking?).")
     _square_warning(result)
     result["robust_flags"] = robust
-    result["robust_accuracy"] = float(robust.mean())
+    result["robust_accuracy"] = float(robust.mean()) if count else 0.0
     result["x_adv"] = x_adv
     max_perturbation = float(np.abs(x_adv - x).max()) if count else 0.0
     result["max_perturbation"] = max_perturbation
     return result
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_stage(apply, name, eps, n_iter, n_queries, mesh):
-    """The jitted stage, cached: a second evaluation of the same logits_fn compiles nothing."""
-    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(functools.partial(_run_stage, apply,
-                                     _stage_function(name, eps, n_iter, n_queries)),
-                   in_shardings=(repl, sharded, sharded, sharded, repl, repl),
-                   out_shardings=(sharded, sharded, sharded))
+# Compiled stages per logits_fn(params, x): the weights are arguments, so a second evaluation
+# with the same function compiles nothing; entries go when the function does.
+_STAGE_CACHES: "weakref.WeakKeyDictionary[Callable, Dict[Any, Callable]]" = (
+    weakref.WeakKeyDictionary())
 
 
-def _run_stage(apply, stage, params, x, y, keys, shared_key, target_rank):
+def _stage_cache(logits_fn: Optional[Callable]) -> Dict[Any, Callable]:
+    """The cache of compiled stages for logits_fn, or a fresh one (logits_fn None: its weights
+    would be constants baked into the executables, so they are not kept past the call)."""
+    if logits_fn is None:
+        return {}
+    try:
+        return _STAGE_CACHES.setdefault(logits_fn, {})
+    except TypeError:  # not weak-referenceable
+        return {}
+
+
+def _run_stage(apply, stage, params, x, y, indices, shared_key_data, target_rank):
+    # The key comes as numpy data: host values are accepted as replicated on any mesh.
+    shared_key = jax.random.wrap_key_data(shared_key_data)
+    keys = jax.vmap(lambda i: jax.random.fold_in(shared_key, i))(indices)  # one per point
     return stage(lambda inputs: apply(params, inputs), x, y, keys, shared_key, target_rank)
 
 
-def _output_warnings(predict, params, x_batch, clean_logits) -> List[str]:
-    """The reference sanity checks on the model's outputs."""
+def _output_warnings(predict, x_batch, clean_logits) -> List[str]:
+    """The reference sanity checks on the model's outputs (predict(x) -> numpy logits)."""
     warnings = []
-    passes = [np.asarray(predict(params, x_batch)) for _ in range(5)]
+    passes = [predict(x_batch) for _ in range(5)]
     unit = [p / (np.linalg.norm(p, axis=1, keepdims=True) + 1e-10) for p in passes]
     differs = any(np.any(p.argmax(1) != passes[0].argmax(1)) for p in passes)
     max_diff = max(float(np.linalg.norm(a - b, axis=1).max()) for a in unit for b in unit)

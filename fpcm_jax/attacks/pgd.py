@@ -3,9 +3,9 @@
     x_adv = pgd(logits_fn, x, y, key, eps=8/255, step_size=2/255, steps=50)
 
 All take clean images x in [0, 1] (any shape), labels y and an RNG key, and return images in
-the eps-ball around x and in [0, 1], with `stop_gradient`. The iteration loop is a Python loop
-by default (unrolled into the compiled graph: on XLA:CPU a conv net inside `lax.fori_loop` ran
-3x slower); `unroll=False` uses `lax.fori_loop` (faster compiles, one loop body).
+the eps-ball around x and in [0, 1], with `stop_gradient`. The loop form follows the backend
+and the number of steps (`default_unroll`: short loops unrolled on CPU, where a conv net inside
+`lax.fori_loop` ran 3x slower; `lax.fori_loop` otherwise); `unroll=True/False` forces one.
 
 `pgd_iterate` is the loop itself, for callers that thread extra state through each step (the
 training attack threads BatchNorm running statistics, as the official code updates them).
@@ -31,18 +31,24 @@ def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     return jnp.clip(x + jnp.clip(x_adv - x, -eps, eps), 0.0, 1.0)
 
 
-def default_unroll() -> bool:
-    """Unroll attack loops on CPU, where a conv net inside a while loop ran 2-3x slower (every
-    iteration the same shapes: it is the loop itself); keep `lax.fori_loop` elsewhere."""
-    return jax.default_backend() == "cpu"
+# On CPU a loop is unrolled up to this many iterations (measured: benchmarks/README.md).
+UNROLL_MAX_STEPS_CPU = 20
+
+
+def default_unroll(steps: int) -> bool:
+    """Whether a loop of `steps` iterations is unrolled by default: on XLA:CPU a conv net
+    inside a while loop ran 2-3x slower than unrolled, but an unrolled loop's compile time and
+    memory grow with its length (APGD-100 unrolled: over 3 minutes and 9.6 GB), so only short
+    loops are unrolled there; on GPU/TPU loops stay `lax.fori_loop` (compile in seconds)."""
+    return jax.default_backend() == "cpu" and steps <= UNROLL_MAX_STEPS_CPU
 
 
 def fixed_loop(count: int, body: Callable[[Any, Any], Any], state: Any,
                unroll: Optional[bool] = None) -> Any:
     """body(i, state) -> state, `count` times: a Python loop (unrolled into the compiled graph)
-    or a `lax.fori_loop`; None picks by backend (`default_unroll`)."""
+    or a `lax.fori_loop`; None picks by backend and length (`default_unroll`)."""
     if unroll is None:
-        unroll = default_unroll()
+        unroll = default_unroll(count)
     if unroll:
         for i in range(count):
             state = body(i, state)
@@ -52,7 +58,7 @@ def fixed_loop(count: int, body: Callable[[Any, Any], Any], state: Any,
 
 def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: jax.Array,
                 x_start: jax.Array, carry: Any, eps: float, step_size: float, steps: int,
-                unroll: Optional[bool] = True) -> Tuple[jax.Array, Any]:
+                unroll: Optional[bool] = None) -> Tuple[jax.Array, Any]:
     """`steps` signed-gradient ascent steps on loss_fn(x_adv, carry) -> (loss, new_carry)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -79,7 +85,7 @@ def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, key: jax.Array,
         eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
-        random_start: bool = True, unroll: bool = True) -> jax.Array:
+        random_start: bool = True, unroll: Optional[bool] = None) -> jax.Array:
     """PGD-N on cross-entropy: uniform random start, signed steps, last iterate."""
     start = uniform_start(key, x, eps) if random_start else x
     loss_fn = lambda x_adv, carry: (cross_entropy(logits_fn(x_adv), y), carry)
@@ -94,7 +100,7 @@ def fgsm(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array
 
 def cw(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, key: jax.Array,
        eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 50,
-       unroll: bool = True) -> jax.Array:
+       unroll: Optional[bool] = None) -> jax.Array:
     """PGD on the CW margin loss; examples already misclassified stop moving."""
     start = uniform_start(key, x, eps)
 

@@ -14,15 +14,18 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fpcm_jax.attacks.apgd import example_keys
 
-_P_BOUNDARIES = jnp.asarray([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
+# numpy, not jnp: a JAX array built at import time would start a backend before
+# jax.distributed.initialize() can run.
+_P_BOUNDARIES = np.asarray([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
 
 
 def p_selection(iteration, p_init: float = 0.8):
     """p_init / 2^(number of schedule boundaries passed), the published schedule."""
-    halvings = jnp.sum(_P_BOUNDARIES < iteration)
+    halvings = jnp.sum(jnp.asarray(_P_BOUNDARIES) < iteration)
     return p_init / (2.0 ** halvings)
 
 

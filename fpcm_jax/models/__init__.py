@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Dict
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fpcm_jax import data
 from fpcm_jax.models.resnet import ResNet
 from fpcm_jax.models.wide_resnet import WideResNet
 
@@ -36,6 +37,12 @@ def create(name: str, num_classes: int = 10, fpcm: bool = True, **kwargs) -> nn.
     raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
 
 
+def variables_template(model: nn.Module, image_size: int = 32) -> Dict[str, Any]:
+    """Shapes and dtypes of the model's variables, without computing anything."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -47,26 +54,5 @@ def compute_dtype(name: str):
     return DTYPES[name]
 
 
-def from_config(model_config, num_classes: int, mean=None, std=None) -> nn.Module:
-    """The model a `config.model` section describes (normalisation resolved by the caller)."""
-    extra = {}
-    if model_config.get("widths"):
-        extra["widths"] = tuple(model_config.widths)
-    if model_config.get("stage_sizes"):
-        extra["stage_sizes"] = tuple(model_config.stage_sizes)
-    return create(model_config.name, num_classes=num_classes, fpcm=model_config.fpcm,
-                  fpcm_variant=model_config.fpcm_variant, cutoff_start=model_config.cutoff_start,
-                  cutoff_end=model_config.cutoff_end,
-                  fpcm_lowpass=model_config.fpcm_lowpass,
-                  dtype=compute_dtype(model_config.dtype), mean=mean, std=std, **extra)
-
-
-def build(config):
-    """(model, dataset spec) for an experiment config: its model on its dataset."""
-    spec = data.get_spec(config.data.name)
-    mean, std = data.normalization(config.model.normalization, spec)
-    return from_config(config.model, spec.num_classes, mean, std), spec
-
-
-__all__ = ["build", "compute_dtype", "create", "from_config", "DTYPES", "ResNet", "WideResNet",
+__all__ = ["compute_dtype", "create", "variables_template", "DTYPES", "ResNet", "WideResNet",
            "MODEL_NAMES"]

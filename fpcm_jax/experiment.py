@@ -1,0 +1,92 @@
+"""Models joined to datasets: the model a config or a checkpoint describes.
+
+Models know nothing of datasets (input normalisation is a mean and std they are given); this
+layer resolves them. A *model description* is the JSON that a run directory (`run.json`) and
+every model checkpoint (`model.json`) hold: the config's model section without the fields that
+only say how the model is computed (`HOW_COMPUTED`: the parameters are the same either way),
+plus `num_classes` and `dataset`. Training, resume, evaluation, analysis and export all build
+their model from a description, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Tuple
+
+from flax import linen as nn
+
+from fpcm_jax import data, models
+
+HOW_COMPUTED = ("dtype", "fpcm_lowpass")
+RESNET_ONLY = ("widths", "stage_sizes")
+
+
+def official_model_section(name: str) -> Dict[str, Any]:
+    """The model fields an official checkpoint implies (SPEC section 1): ResNet-18 takes raw
+    inputs and anneals the cutoff from P/2 to P/8; the WRN normalises with CIFAR-10 statistics
+    and keeps P/8."""
+    is_wrn = name.lower().startswith("wrn")
+    return {"name": name, "fpcm": True, "fpcm_variant": "tokens",
+            "cutoff_start": 0.125 if is_wrn else 0.5, "cutoff_end": 0.125,
+            "normalization": "cifar10" if is_wrn else "none", "widths": None,
+            "stage_sizes": None}
+
+
+def describe(config) -> Dict[str, Any]:
+    """The description of the model that `config` trains (what `run.json` holds)."""
+    description = json.loads(config.model.to_json())
+    for how_computed in HOW_COMPUTED:
+        description.pop(how_computed, None)
+    description["num_classes"] = data.get_spec(config.data.name).num_classes
+    description["dataset"] = config.data.name
+    return description
+
+
+def complete(description: Dict[str, Any]) -> Dict[str, Any]:
+    """A description with every model field: those missing (checkpoints written by older
+    versions of `fpcm_jax.convert`) take the official model's values."""
+    return {**official_model_section(description["name"]), **description}
+
+
+def check_options(description: Dict[str, Any]) -> None:
+    """Clear errors for model options that the named model cannot take."""
+    name = str(description["name"]).lower()
+    if name not in ("resnet18", "resnet-18"):
+        given = [field for field in RESNET_ONLY if description.get(field)]
+        if given:
+            raise ValueError(f"--config.model.{given[0]} applies to resnet18 only; "
+                             f"{description['name']} sets its widths by name (wrn-<depth>-"
+                             f"<width>): set --config.model.{given[0]}=None.")
+    for field in RESNET_ONLY:
+        value = description.get(field)
+        if value is not None and (len(value) != 4 or min(value) < 1):
+            raise ValueError(f"--config.model.{field}={tuple(value)} must be four positive "
+                             f"integers, one per stage.")
+    if description.get("normalization") not in ("none", "cifar10", "dataset"):
+        raise ValueError(f"--config.model.normalization={description.get('normalization')!r} "
+                         f"is not valid; use one of ('none', 'cifar10', 'dataset').")
+
+
+def model_from_description(description: Dict[str, Any], dtype: str = "float32",
+                           fpcm_lowpass: str = "auto") -> nn.Module:
+    """The Flax model a description names, computing in `dtype` with the given FPCM filter."""
+    description = complete(description)
+    check_options(description)
+    spec = data.get_spec(description["dataset"]) if description.get("dataset") else None
+    if description["normalization"] == "dataset" and spec is None:
+        raise ValueError("The model normalises with its dataset's statistics, but its "
+                         "description names no dataset.")
+    mean, std = data.normalization(description["normalization"], spec)
+    extra = {field: tuple(description[field]) for field in RESNET_ONLY if description[field]}
+    return models.create(description["name"], num_classes=description["num_classes"],
+                         fpcm=description["fpcm"], fpcm_variant=description["fpcm_variant"],
+                         cutoff_start=description["cutoff_start"],
+                         cutoff_end=description["cutoff_end"], fpcm_lowpass=fpcm_lowpass,
+                         dtype=models.compute_dtype(dtype), mean=mean, std=std, **extra)
+
+
+def build(config) -> Tuple[nn.Module, data.DatasetSpec]:
+    """(model, dataset spec) for an experiment config: its model on its dataset."""
+    model = model_from_description(describe(config), config.model.dtype,
+                                   config.model.fpcm_lowpass)
+    return model, data.get_spec(config.data.name)

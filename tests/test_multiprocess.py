@@ -1,0 +1,228 @@
+"""Several processes and device counts, as users run them: real `main.py` processes.
+
+Two processes on 127.0.0.1 (a local coordinator, 2 fake CPU devices each, gloo collectives)
+train, stop on SIGTERM and evaluate like one process with 4 devices; a run saved on 4 devices
+is evaluated on 1 and 2 and resumed on 2. Every subprocess is bounded by a timeout.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import numpy as np
+import pytest
+
+from conftest import needs_four_devices, read_train_state, tiny_config
+from fpcm_jax import checkpoint, data, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 600  # seconds, per subprocess
+# The tiny config, very small; the FFT filter rounds alike for any per-device batch (see
+# test_train.test_four_device_step_matches_one_device).
+TINY = ["--config", "configs/tiny.py", "--config.model.widths=(8,8,8,8)",
+        "--config.attack.steps=2", "--config.train.epochs=2", "--config.eval.attack_steps=1",
+        "--config.train.final_test_attack_steps=1", "--config.model.fpcm_lowpass=fft"]
+
+
+def tiny_run_config(**changes):
+    """The config that TINY gives on the command line."""
+    return tiny_config(model__fpcm_lowpass="fft", **changes)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(devices: int):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    kept = [flag for flag in env.get("XLA_FLAGS", "").split() if "device_count" not in flag]
+    env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    return env
+
+
+def start(args, processes=1, devices=4):
+    """`processes` main.py processes with `devices` fake CPU devices each."""
+    port = free_port()
+    started = []
+    for index in range(processes):
+        extra = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                  f"--process_id={index}"] if processes > 1 else [])
+        started.append(subprocess.Popen([sys.executable, "main.py", *args, *extra], cwd=REPO,
+                                        env=cpu_env(devices), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True))
+    return started
+
+
+def finish(started):
+    """[(returncode, stdout, stderr)] once every process has ended (killed after TIMEOUT)."""
+    results = []
+    for process in started:
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for other in started:
+                other.kill()
+            stdout, stderr = process.communicate()
+            pytest.fail(f"a process did not finish within {TIMEOUT} s: {stderr[-2000:]}")
+        results.append((process.returncode, stdout, stderr))
+    return results
+
+
+def run(args, processes=1, devices=4):
+    results = finish(start(args, processes, devices))
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    return results
+
+
+def metric_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny training run by one process with 4 devices and by two with 2 each."""
+    base = tmp_path_factory.mktemp("multiprocess")
+    one, two = str(base / "one"), str(base / "two")
+    run(TINY + ["--workdir", one], processes=1, devices=4)
+    run(TINY + ["--workdir", two], processes=2, devices=2)
+    return {"one": one, "two": two, "base": base}
+
+
+def test_two_processes_train_like_one_process_with_four_devices(runs):
+    config = tiny_run_config()
+    one, two = read_train_state(runs["one"], config), read_train_state(runs["two"], config)
+    assert int(one.step) == int(two.step) == 22
+    chex.assert_trees_all_close(two.params, one.params, rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(two.batch_stats, one.batch_stats, rtol=2e-4, atol=2e-5)
+    losses = [[line["loss"] for line in metric_lines(w) if "loss" in line]
+              for w in (runs["one"], runs["two"])]
+    assert len(losses[0]) == len(losses[1]) == 22
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    for name in ("best_sum", "best_robust"):
+        assert os.path.exists(os.path.join(runs["two"], name, checkpoint.MODEL_INFO_FILE))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(runs):
+    parts = str(runs["base"] / "parts")
+    started = start(TINY + ["--workdir", parts], processes=2, devices=2)
+    metrics = os.path.join(parts, "metrics.jsonl")
+    deadline = time.time() + TIMEOUT
+    while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
+        assert all(p.poll() is None for p in started), finish(started)
+        assert time.time() < deadline, "no training progress"
+        time.sleep(0.05)
+    started[1].send_signal(signal.SIGTERM)  # not the process that writes the logs
+    results = finish(started)
+    assert [code for code, _, _ in results] == [143, 143], [r[2][-2000:] for r in results]
+    assert "Stopped at step" in results[0][1]
+    saved = [int(name) for name in os.listdir(os.path.join(parts, "checkpoints"))
+             if name.isdigit()]
+    assert len(saved) == 1 and 2 <= saved[0] < 22, saved
+    assert not os.path.exists(os.path.join(parts, "summary.json"))
+
+    run(TINY + ["--workdir", parts], processes=2, devices=2)
+    config = tiny_run_config()
+    whole, resumed = read_train_state(runs["two"], config), read_train_state(parts, config)
+    chex.assert_trees_all_close(resumed.params, whole.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(resumed.batch_stats, whole.batch_stats, rtol=1e-6, atol=1e-7)
+    assert [line["step"] for line in metric_lines(parts) if "loss" in line] == list(range(1, 23))
+    with open(os.path.join(parts, "summary.json")) as a, \
+            open(os.path.join(runs["two"], "summary.json")) as b:
+        assert json.load(a)["test_clean_acc"] == json.load(b)["test_clean_acc"]
+
+
+def test_eval_over_two_processes_reports_what_one_process_does(runs):
+    reports = {}
+    for name, processes, devices in (("eval_one", 1, 4), ("eval_two", 2, 2)):
+        workdir = str(runs["base"] / name)
+        args = TINY + ["--workdir", workdir, "--mode", "eval", "--checkpoint", runs["one"],
+                       "--attack", "none,pgd3,apgd-ce", "--num_examples", "40",
+                       "--batch_size", "8"]
+        run(args, processes, devices)
+        [path] = [f for f in os.listdir(workdir) if f.startswith("eval_")]
+        with open(os.path.join(workdir, path)) as handle:
+            reports[name] = json.load(handle)
+    one, two = reports["eval_one"], reports["eval_two"]
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert one["examples"] == two["examples"] == 40
+    for attack in ("none", "pgd3", "apgd-ce"):
+        for figure in ("clean_acc", "robust_acc"):
+            assert two["attacks"][attack][figure] == one["attacks"][attack][figure], attack
+    assert one["attacks"]["apgd-ce"]["robust_acc"] < one["attacks"]["none"]["robust_acc"]
+
+
+LOGITS_SCRIPT = """
+import sys, numpy as np
+from fpcm_jax import checkpoint, data, parallel
+parallel.setup()
+import jax
+model, variables, info, path = checkpoint.load_model(sys.argv[1])
+_, _, test = data.load("digits", validation_size=100)
+logits = model.apply(variables, data.to_float(test.images[:16]), train=False, progress=1.0)
+np.save(sys.argv[2], np.asarray(logits))
+print(jax.device_count(), path)
+"""
+
+
+@needs_four_devices
+def test_checkpoint_saved_on_four_devices_loads_on_one_and_two(tmp_path):
+    config = tiny_run_config(attack__steps=1, train__epochs=1, train__final_test_attack_steps=0)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    model, variables, _, _ = checkpoint.load_model(workdir)
+    _, _, test = data.load("digits", validation_size=100)
+    expected = np.asarray(model.apply(variables, data.to_float(test.images[:16]), train=False))
+    for devices in (1, 2):
+        out = str(tmp_path / f"logits_{devices}.npy")
+        done = subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, workdir, out], cwd=REPO,
+                              env=cpu_env(devices), capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split()[0] == str(devices)
+        np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+    eval_dir = str(tmp_path / "eval")
+    run(["--config", "configs/tiny.py", "--workdir", eval_dir, "--mode", "eval",
+         "--checkpoint", workdir, "--attack", "none", "--batch_size", "99"], devices=1)
+    [report] = [f for f in os.listdir(eval_dir) if f.startswith("eval_")]
+    with open(os.path.join(eval_dir, report)) as handle:
+        clean = json.load(handle)["attacks"]["none"]["clean_acc"]
+    direct = np.mean(np.asarray(model.apply(variables, data.to_float(test.images),
+                                            train=False)).argmax(1) == test.labels)
+    assert clean == pytest.approx(direct, abs=1e-9)
+
+
+@needs_four_devices
+def test_resume_on_two_devices_continues_a_four_device_run(tmp_path):
+    config = tiny_run_config()
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train.train_and_evaluate(config, whole)
+    stopped = train.train_and_evaluate(tiny_run_config(train__stop_after_steps=13), parts)
+    assert stopped["stopped_at_step"] == 13
+    run(TINY + ["--workdir", parts], devices=2)
+    expected, resumed = read_train_state(whole, config), read_train_state(parts, config)
+    assert int(resumed.step) == 22
+    # The 4-vs-1-device step test's tolerance: another per-device batch rounds differently.
+    chex.assert_trees_all_close(resumed.params, expected.params, rtol=2e-4, atol=2e-5)
+
+
+def test_eval_with_a_contradicting_model_flag_names_the_field(runs):
+    contradicting = subprocess.run(
+        [sys.executable, "main.py", *TINY, "--workdir", str(runs["base"] / "contradict"),
+         "--mode", "eval", "--checkpoint", runs["one"], "--attack", "none",
+         "--config.model.cutoff_end=0.25"],
+        cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    assert contradicting.returncode == 1
+    assert "--config.model.cutoff_end=0.25 contradicts" in contradicting.stderr
+    assert "cutoff_end=0.125" in contradicting.stderr and "Traceback" not in contradicting.stderr
+    assert not os.path.exists(runs["base"] / "contradict")
