@@ -3,17 +3,20 @@ predictions (so every point is attacked).
 
     python benchmarks/attacks.py --model resnet18 --attack pgd50 --batch 128 [--no-fpcm]
     python benchmarks/attacks.py --model resnet18 --attack autoattack --batch 128
-    [--dtype bfloat16] [--fpcm-lowpass fft|matmul|auto]
+    [--dtype bfloat16] [--fpcm-lowpass fft|matmul|auto] [--loop auto|unrolled|fori]
 
 Prints one JSON line. Single attacks: images_per_second is the median over --repeats timed
-batches after a warm-up (compile_seconds separately). autoattack: one full run over --batch
-points with the published parameters; its images_per_second includes compilation
-(compile-free figure from a second, cached run as images_per_second_warm).
+batches after a warm-up (compile_seconds separately), flops_per_batch counted from the program
+(benchmarks/flops.py). autoattack: one full run over --batch points with the published
+parameters; its images_per_second includes compilation (compile-free figure from a second,
+cached run as images_per_second_warm). peak_rss_mb: the process's peak resident memory (host
+memory: on CPU it includes compilation; on GPU see the device's own figure).
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -28,7 +31,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fpcm_jax import attacks, layers, models  # noqa: E402
-from train_step import program_flops  # noqa: E402  (this folder is on sys.path)
+from flops import count_flops  # noqa: E402  (this folder is on sys.path)
+
+LOOPS = {"auto": None, "unrolled": True, "fori": False}
 
 
 def main():
@@ -41,6 +46,8 @@ def main():
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--dtype", default="float32", choices=tuple(models.DTYPES))
     parser.add_argument("--fpcm-lowpass", default="auto", choices=layers.LOWPASS_IMPLS)
+    parser.add_argument("--loop", default="auto", choices=tuple(LOOPS),
+                        help="attack loop form (auto: unrolled on CPU up to 20 steps)")
     args = parser.parse_args()
 
     model = models.create(args.model, fpcm=not args.no_fpcm, fpcm_lowpass=args.fpcm_lowpass,
@@ -51,7 +58,8 @@ def main():
     y = jnp.argmax(jax.jit(logits_fn)(variables, x), axis=1)
     record = {"benchmark": "attack", "attack": args.attack, "model": args.model,
               "fpcm": not args.no_fpcm, "batch": args.batch, "dtype": args.dtype,
-              "fpcm_lowpass": args.fpcm_lowpass, "devices": jax.device_count(),
+              "fpcm_lowpass": args.fpcm_lowpass, "loop": args.loop,
+              "devices": jax.device_count(),
               "platform": jax.devices()[0].platform, "jax": jax.__version__,
               "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.attack == "autoattack":
@@ -68,7 +76,8 @@ def main():
                       robust_accuracy=result["robust_accuracy"],
                       seconds_per_component=result["seconds"])
     else:
-        attack = attacks.get(args.attack, eps=args.eps)
+        options = {} if args.attack == "square" else {"unroll": LOOPS[args.loop]}
+        attack = attacks.get(args.attack, eps=args.eps, **options)
         run = jax.jit(lambda params, x, y, key: attack(lambda z: logits_fn(params, z), x, y, key))
         key = jax.random.key(3)
         start = time.perf_counter()
@@ -82,10 +91,11 @@ def main():
             jax.block_until_ready(compiled(variables, x, y, key))
             times.append(time.perf_counter() - start)
         median = statistics.median(times)
-        flops = program_flops(lowered)  # attacks unroll their loops
+        flops = count_flops(run, variables, x, y, key)["total"]
         record.update(images_per_second=round(args.batch / median, 3),
                       compile_seconds=round(compile_seconds, 1), repeats=args.repeats,
                       flops_per_batch=flops, achieved_tflops=round(flops / median / 1e12, 3))
+    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(record))
 
 

@@ -4,13 +4,15 @@
         [--dtype bfloat16] [--fpcm-lowpass fft|matmul|auto] [--loop unrolled|fori|auto]
 
 Prints one JSON line: images_per_second (median over the timed steps after one warm-up step),
-compile_seconds, flops_per_step (XLA's count for the unrolled step) and achieved_tflops, and
-the setup. Uses every local device (the batch is sharded over them).
+compile_seconds, flops_per_step (convolutions and matrix products counted from the program,
+benchmarks/flops.py: the same on every backend) and achieved_tflops, peak_rss_mb, and the
+setup. Uses every local device (the batch is sharded over them).
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -24,21 +26,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
+from flops import count_flops  # noqa: E402  (this folder is on sys.path)
 from fpcm_jax import experiment, layers, models, parallel, train  # noqa: E402
-
-
-def program_flops(lowered) -> float:
-    """FLOPs of one call by XLA's cost analysis of a lowered program (0 if unavailable).
-
-    A loop body is counted once, so pass a program with its loops unrolled.
-    """
-    try:
-        analysis = lowered.cost_analysis()
-    except Exception:  # not every backend implements it
-        return 0.0
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
 
 
 def main():
@@ -92,15 +81,16 @@ def main():
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    config.attack.loop = "unrolled"
-    flops = program_flops(make_step().lower(state, batch, key))
+    flops = count_flops(step, state, batch, key)
     print(json.dumps({
         "benchmark": "train_step", "model": args.model, "fpcm": not args.no_fpcm,
         "batch": args.batch, "attack_steps": args.attack_steps, "bn_mode": args.bn_mode,
         "dtype": args.dtype, "fpcm_lowpass": args.fpcm_lowpass, "loop": args.loop,
         "images_per_second": round(args.batch / median, 2),
         "step_seconds_median": round(median, 4), "compile_seconds": round(compile_seconds, 2),
-        "flops_per_step": flops, "achieved_tflops": round(flops / median / 1e12, 3),
+        "flops_per_step": flops["total"], "fft_flops_per_step": flops["fft"],
+        "achieved_tflops": round(flops["total"] / median / 1e12, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "timed_steps": args.steps, "devices": jax.device_count(),
         "platform": jax.devices()[0].platform, "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", "")}))

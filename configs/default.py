@@ -11,7 +11,10 @@ import ml_collections
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.multihost = False                # True: jax.distributed.initialize() (every host)
+    config.multihost = False                # True: join the other processes, the cluster
+                                            # found by JAX (TPU pod, Slurm, Open MPI); else give
+                                            # main.py --coordinator_address/--num_processes/
+                                            # --process_id (or $JAX_COORDINATOR_ADDRESS, ...)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet18"          # resnet18 | wrn-<depth>-<width>
@@ -48,17 +51,17 @@ def get_config():
     config.train.beta = 6.0                 # TRADES / MART weight
     config.train.trades_attack = "ce"       # ce (official) | kl (TRADES paper)
     config.train.eval_every_epochs = 1      # validation clean + PGD accuracy
-    config.train.checkpoint_every_steps = 500
+    config.train.checkpoint_every_steps = 500  # and at every epoch end; 0: epoch ends only
     config.train.final_test_attack_steps = 20  # test-split PGD-N at the end (0: clean only)
     config.train.stop_after_steps = 0       # >0: save and stop after this many steps (resumable)
 
     config.attack = ml_collections.ConfigDict()  # the training attack
     config.attack.eps = 8 / 255
-    config.attack.step_size = 2 / 255
+    config.attack.step_size = 2 / 255       # also the default step of --mode eval's pgdN, cwN
     config.attack.steps = 10                # 0: standard (non-adversarial) training
     config.attack.bn_mode = "train"         # train (official) | batch_stats_frozen | eval
     config.attack.loop = "auto"             # unrolled | fori (lax.fori_loop) | auto: unrolled
-                                            # on CPU (3x faster there), fori elsewhere
+                                            # on CPU up to 20 steps (3x faster there), else fori
 
     config.analysis = ml_collections.ConfigDict()  # main.py --mode analyze
     config.analysis.num_examples = 1000     # test images for alpha, noise and filter analyses

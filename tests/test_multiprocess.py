@@ -7,6 +7,7 @@ is evaluated on 1 and 2 and resumed on 2. Every subprocess is bounded by a timeo
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_four_devices, read_train_state, tiny_config
-from fpcm_jax import checkpoint, data, train
+from fpcm_jax import checkpoint, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600  # seconds, per subprocess
@@ -100,15 +101,26 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_train_like_one_process_with_four_devices(runs):
+    """Same steps, losses and parameters as one process with 4 devices.
+
+    The two runs differ only in the order in which the cross-process all-reduce adds the four
+    devices' gradients and BatchNorm sums: 1e-7 relative at step 1, which PGD's sign() turns
+    into diverging trajectories. Measured over config.seed 0-3 (this 2-core machine):
+    relative loss difference at step 1 at most 8.8e-8, at step 2 at most 4.0e-6, over all 20
+    steps at most 1.4e-3; final parameters differ by at most 0.026 (absolute). The bounds
+    below are 10x those; a process reading other data, or a missing reduction, shows at step 1.
+    """
     config = tiny_run_config()
     one, two = read_train_state(runs["one"], config), read_train_state(runs["two"], config)
-    assert int(one.step) == int(two.step) == 22
-    chex.assert_trees_all_close(two.params, one.params, rtol=2e-4, atol=2e-5)
-    chex.assert_trees_all_close(two.batch_stats, one.batch_stats, rtol=2e-4, atol=2e-5)
-    losses = [[line["loss"] for line in metric_lines(w) if "loss" in line]
+    assert int(one.step) == int(two.step) == 20
+    losses = [np.asarray([line["loss"] for line in metric_lines(w) if "loss" in line])
               for w in (runs["one"], runs["two"])]
-    assert len(losses[0]) == len(losses[1]) == 22
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    assert len(losses[0]) == len(losses[1]) == 20
+    np.testing.assert_allclose(losses[1][0], losses[0][0], rtol=1e-6)
+    np.testing.assert_allclose(losses[1][1], losses[0][1], rtol=4e-5)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1.4e-2)
+    chex.assert_trees_all_close(two.params, one.params, rtol=0, atol=0.26)
+    chex.assert_trees_all_close(two.batch_stats, one.batch_stats, rtol=1e-2, atol=0.26)
     for name in ("best_sum", "best_robust"):
         assert os.path.exists(os.path.join(runs["two"], name, checkpoint.MODEL_INFO_FILE))
 
@@ -128,7 +140,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(runs):
     assert "Stopped at step" in results[0][1]
     saved = [int(name) for name in os.listdir(os.path.join(parts, "checkpoints"))
              if name.isdigit()]
-    assert len(saved) == 1 and 2 <= saved[0] < 22, saved
+    assert len(saved) == 1 and 2 <= saved[0] < 20, saved
     assert not os.path.exists(os.path.join(parts, "summary.json"))
 
     run(TINY + ["--workdir", parts], processes=2, devices=2)
@@ -136,7 +148,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(runs):
     whole, resumed = read_train_state(runs["two"], config), read_train_state(parts, config)
     chex.assert_trees_all_close(resumed.params, whole.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(resumed.batch_stats, whole.batch_stats, rtol=1e-6, atol=1e-7)
-    assert [line["step"] for line in metric_lines(parts) if "loss" in line] == list(range(1, 23))
+    assert [line["step"] for line in metric_lines(parts) if "loss" in line] == list(range(1, 21))
     with open(os.path.join(parts, "summary.json")) as a, \
             open(os.path.join(runs["two"], "summary.json")) as b:
         assert json.load(a)["test_clean_acc"] == json.load(b)["test_clean_acc"]
@@ -175,25 +187,31 @@ print(jax.device_count(), path)
 """
 
 
+@pytest.fixture(scope="module")
+def stopped_on_four(runs):
+    """The tiny run of `runs`, stopped after 13 steps (one process, 4 devices)."""
+    workdir = str(runs["base"] / "stopped_on_four")
+    run(TINY + ["--workdir", workdir, "--config.train.stop_after_steps=13"], devices=4)
+    return workdir
+
+
 @needs_four_devices
-def test_checkpoint_saved_on_four_devices_loads_on_one_and_two(tmp_path):
-    config = tiny_run_config(attack__steps=1, train__epochs=1, train__final_test_attack_steps=0)
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    model, variables, _, _ = checkpoint.load_model(workdir)
+def test_checkpoint_saved_on_four_devices_loads_on_one_and_two(stopped_on_four, tmp_path):
+    model, variables, _, path = checkpoint.load_model(stopped_on_four)
+    assert path.endswith("best_robust")
     _, _, test = data.load("digits", validation_size=100)
     expected = np.asarray(model.apply(variables, data.to_float(test.images[:16]), train=False))
     for devices in (1, 2):
         out = str(tmp_path / f"logits_{devices}.npy")
-        done = subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, workdir, out], cwd=REPO,
-                              env=cpu_env(devices), capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, stopped_on_four, out],
+                              cwd=REPO, env=cpu_env(devices), capture_output=True, text=True,
                               timeout=TIMEOUT)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.split()[0] == str(devices)
         np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
     eval_dir = str(tmp_path / "eval")
     run(["--config", "configs/tiny.py", "--workdir", eval_dir, "--mode", "eval",
-         "--checkpoint", workdir, "--attack", "none", "--batch_size", "99"], devices=1)
+         "--checkpoint", stopped_on_four, "--attack", "none", "--batch_size", "99"], devices=1)
     [report] = [f for f in os.listdir(eval_dir) if f.startswith("eval_")]
     with open(os.path.join(eval_dir, report)) as handle:
         clean = json.load(handle)["attacks"]["none"]["clean_acc"]
@@ -202,18 +220,21 @@ def test_checkpoint_saved_on_four_devices_loads_on_one_and_two(tmp_path):
     assert clean == pytest.approx(direct, abs=1e-9)
 
 
-@needs_four_devices
-def test_resume_on_two_devices_continues_a_four_device_run(tmp_path):
-    config = tiny_run_config()
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    train.train_and_evaluate(config, whole)
-    stopped = train.train_and_evaluate(tiny_run_config(train__stop_after_steps=13), parts)
-    assert stopped["stopped_at_step"] == 13
+def test_resume_on_two_devices_continues_a_four_device_run(runs, stopped_on_four, tmp_path):
+    """The first step after resuming on 2 devices has the loss of step 14 of the uninterrupted
+    4-device run up to rounding (a state restored wrongly would not); after that the runs
+    diverge as two device counts do (bounds: the two-process test's docstring)."""
+    parts = str(tmp_path / "parts")
+    shutil.copytree(stopped_on_four, parts)
     run(TINY + ["--workdir", parts], devices=2)
-    expected, resumed = read_train_state(whole, config), read_train_state(parts, config)
-    assert int(resumed.step) == 22
-    # The 4-vs-1-device step test's tolerance: another per-device batch rounds differently.
-    chex.assert_trees_all_close(resumed.params, expected.params, rtol=2e-4, atol=2e-5)
+    config = tiny_run_config()
+    whole, resumed = read_train_state(runs["one"], config), read_train_state(parts, config)
+    assert int(resumed.step) == 20
+    losses = {line["step"]: line["loss"] for line in metric_lines(parts) if "loss" in line}
+    expected = {line["step"]: line["loss"] for line in metric_lines(runs["one"]) if "loss" in line}
+    assert sorted(losses) == list(range(1, 21))
+    np.testing.assert_allclose(losses[14], expected[14], rtol=1e-5)
+    chex.assert_trees_all_close(resumed.params, whole.params, rtol=0, atol=0.26)
 
 
 def test_eval_with_a_contradicting_model_flag_names_the_field(runs):

@@ -201,21 +201,22 @@ def apgd_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax
 
 def apgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
          key: jax.Array, eps: float = 8 / 255, n_iter: int = 100, loss: str = "ce",
-         rho: float = 0.75) -> jax.Array:
+         rho: float = 0.75, unroll: Optional[bool] = None) -> jax.Array:
     """APGD-CE (loss='ce') or APGD-DLR (loss='dlr'), one restart; returns x_adv."""
-    return apgd_stage(logits_fn, x, y, key, eps, n_iter, loss, rho=rho)[0]
+    return apgd_stage(logits_fn, x, y, key, eps, n_iter, loss, rho=rho, unroll=unroll)[0]
 
 
 def apgd_targeted(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
                   key: jax.Array, eps: float = 8 / 255, n_iter: int = 100,
-                  n_target_classes: int = 9, rho: float = 0.75) -> jax.Array:
+                  n_target_classes: int = 9, rho: float = 0.75,
+                  unroll: Optional[bool] = None) -> jax.Array:
     """APGD-T: targeted DLR against the 2nd, 3rd, ... most likely classes in turn, each run
     only changing points still robust; returns x_adv."""
     robust = jnp.argmax(logits_fn(x), axis=1) == y
     x_out = x
     for index, target_rank in enumerate(range(2, n_target_classes + 2)):
         x_adv, still, _ = apgd_stage(logits_fn, x, y, jax.random.fold_in(key, index), eps,
-                                     n_iter, "dlr-targeted", target_rank, rho)
+                                     n_iter, "dlr-targeted", target_rank, rho, unroll)
         fooled = robust & ~still
         x_out = jnp.where(_per_example(fooled, x), x_adv, x_out)
         robust = robust & still

@@ -119,13 +119,14 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
 
 def fab_targeted(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
                  key: jax.Array, eps: float = 8 / 255, n_target_classes: int = 9,
-                 n_iter: int = 100) -> jax.Array:
+                 n_iter: int = 100, unroll: Optional[bool] = None) -> jax.Array:
     """FAB-T against the 2nd, 3rd, ... most likely classes in turn; returns x_adv."""
     per_example = lambda m: m.reshape((-1,) + (1,) * (x.ndim - 1))
     robust = jnp.argmax(logits_fn(x), axis=1) == y
     x_out = x
     for target_rank in range(2, n_target_classes + 2):
-        x_adv, still = fab_targeted_stage(logits_fn, x, y, key, eps, target_rank, n_iter)
+        x_adv, still = fab_targeted_stage(logits_fn, x, y, key, eps, target_rank, n_iter,
+                                          unroll=unroll)
         fooled = robust & ~still
         x_out = jnp.where(per_example(fooled), x_adv, x_out)
         robust = robust & still
