@@ -5,9 +5,12 @@
 #     bash benchmarks/gpu_check.sh results/gpu      # JSON lines -> results/gpu/*.jsonl
 #
 # Each benchmark prints one JSON line (images_per_second, compile_seconds, flops_per_step,
-# achieved_tflops). MODEL, BATCH and STEPS override the defaults (resnet18, 128, 5), e.g.
-# MODEL=wrn-10-1 BATCH=8 STEPS=1 for a quick smoke run on CPU. Takes about 5 minutes on one
-# GPU (mostly compilation); the python in PATH must have the project's requirements.
+# achieved_tflops, peak_rss_mb). Then PGD-50 at batch EVAL_BATCH (512) for its compile time,
+# and the test suite under JAX_PLATFORMS=TEST_PLATFORMS (cuda) into OUT/tests.txt (TESTS=0
+# skips it). MODEL, BATCH and STEPS override the defaults (resnet18, 128, 5), e.g.
+# MODEL=wrn-10-1 BATCH=8 STEPS=1 EVAL_BATCH=8 TEST_PLATFORMS=cpu for a smoke run on CPU.
+# Takes about 8 minutes on one GPU (mostly compilation and the tests); the python in PATH
+# must have the project's requirements.
 set -euo pipefail
 out="${1:?usage: bash benchmarks/gpu_check.sh OUTPUT_FOLDER}"
 model="${MODEL:-resnet18}"
@@ -35,4 +38,14 @@ step --dtype float32 --fpcm-lowpass matmul
 step --dtype float32 --fpcm-lowpass fft
 attack --dtype float32
 attack --dtype bfloat16
+# Issue 10: PGD-50 as users evaluate (batch 512, fori_loop on GPU) must compile in seconds.
+"$python" "$here/attacks.py" --model "$model" --batch "${EVAL_BATCH:-512}" --attack pgd50 \
+    --repeats 1 | tee -a "$out/attacks.jsonl"
+# The test suite on the accelerator (the 4-device tests skip; multi-process ones use CPUs).
+if [ "${TESTS:-1}" = "1" ]; then
+  (cd "$here/.." && JAX_PLATFORMS="${TEST_PLATFORMS:-cuda}" timeout "${TEST_TIMEOUT:-420}" \
+      "$python" -m pytest -q -x -p no:cacheprovider > "$out/tests.txt" 2>&1; \
+      echo "pytest exit code $?" >> "$out/tests.txt")
+  tail -n 3 "$out/tests.txt"
+fi
 echo "results in $out"

@@ -61,7 +61,7 @@ def get_config():
     config.attack.steps = 10                # 0: standard (non-adversarial) training
     config.attack.bn_mode = "train"         # train (official) | batch_stats_frozen | eval
     config.attack.loop = "auto"             # unrolled | fori (lax.fori_loop) | auto: unrolled
-                                            # on CPU up to 20 steps (3x faster there), else fori
+                                            # on CPU up to 100 steps (3x faster there), else fori
 
     config.analysis = ml_collections.ConfigDict()  # main.py --mode analyze
     config.analysis.num_examples = 1000     # test images for alpha, noise and filter analyses

@@ -178,6 +178,8 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
                                         **autoattack_options)
             entry = {"clean_acc": result["clean_accuracy"], "robust_acc": result["robust_accuracy"],
                      "accuracy_after": result["accuracy_after"],
+                     "seconds_per_component": {k: round(v, 1)
+                                               for k, v in result["seconds"].items()},
                      "parameters": _autoattack_parameters(eps, autoattack_options)}
             report["warnings"] += [f"{name}: {w}" for w in result["warnings"]]
         else:

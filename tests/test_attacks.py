@@ -72,6 +72,24 @@ def test_autoattack_is_at_most_each_component():
     np.testing.assert_array_equal(~full["robust_flags"], fooled | ~full["clean_flags"])
 
 
+def test_autoattack_reuses_its_compiled_stages_for_the_same_logits_fn():
+    base_fn, x, y = tiny_problem(seed=3, size=16)
+    traces = []
+
+    def logits_fn(params, inputs):  # the weights are an argument: nothing baked in
+        traces.append(1)
+        return base_fn(inputs) * params
+
+    options = dict(eps=EPS, batch_size=8, n_iter=5, n_queries=20, n_target_classes=2)
+    first = attacks.autoattack(logits_fn, x, y, jax.random.key(0), params=jnp.float32(1.0),
+                               **options)
+    traced = len(traces)
+    again = attacks.autoattack(logits_fn, x, y, jax.random.key(0), params=jnp.float32(1.0),
+                               **options)
+    assert traced > 0 and len(traces) == traced  # the second run traced (compiled) nothing
+    assert again["robust_accuracy"] == first["robust_accuracy"]
+
+
 def test_apgd_checkpoints_follow_the_published_schedule():
     is_checkpoint, window = attacks.checkpoint_schedule(100)
     # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06): checkpoints after

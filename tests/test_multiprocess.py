@@ -247,3 +247,48 @@ def test_eval_with_a_contradicting_model_flag_names_the_field(runs):
     assert "--config.model.cutoff_end=0.25 contradicts" in contradicting.stderr
     assert "cutoff_end=0.125" in contradicting.stderr and "Traceback" not in contradicting.stderr
     assert not os.path.exists(runs["base"] / "contradict")
+
+
+IMPORT_SCRIPT = """
+import main
+import fpcm_jax, fpcm_jax.analysis, fpcm_jax.attacks, fpcm_jax.convert, fpcm_jax.evaluate
+import fpcm_jax.layers, fpcm_jax.plots, fpcm_jax.train
+from jax._src import xla_bridge
+print(xla_bridge.backends_are_initialized())
+"""
+
+
+def test_importing_fpcm_jax_starts_no_backend():
+    done = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], cwd=REPO, env=cpu_env(1),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
+def test_distributed_settings_come_from_flags_then_environment(monkeypatch):
+    from fpcm_jax import parallel
+
+    for name in parallel.DISTRIBUTED_ENV.values():
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.distributed_settings() is None
+    assert parallel.distributed_settings(num_processes=1) is None
+    assert parallel.distributed_settings(auto_detect=True) == {}
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert parallel.distributed_settings(process_id=2) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
+    with pytest.raises(parallel.SetupError, match="JAX_NUM_PROCESSES"):
+        parallel.distributed_settings()
+
+
+def test_setup_after_the_backend_started_is_a_clear_error():
+    from fpcm_jax import parallel
+
+    import jax
+
+    jax.devices()  # this test process has started its backend
+    with pytest.raises(parallel.SetupError, match="before any jax.devices"):
+        parallel.setup(coordinator_address="127.0.0.1:1", num_processes=2, process_id=0)
+

@@ -195,8 +195,9 @@ def test_digits_are_real_small_data():
 def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
     config = tiny_config()
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
-    stopped = train.train_and_evaluate(tiny_config(train__stop_after_steps=13),
-                                       str(tmp_path / "parts"))
+    stopped = train.train_and_evaluate(  # checkpoints only when it stops (0: at epoch ends)
+        tiny_config(train__stop_after_steps=13, train__checkpoint_every_steps=0),
+        str(tmp_path / "parts"))
     assert stopped == {"stopped_at_step": 13, "reason": "train.stop_after_steps"}
     resumed = train.train_and_evaluate(config, str(tmp_path / "parts"))
     assert resumed["final_step"] == whole["final_step"] == 20
@@ -278,3 +279,20 @@ def test_default_xla_flags_respect_the_users_setting(monkeypatch):
     monkeypatch.setenv("FPCM_JAX_DEFAULT_XLA_FLAGS", "0")
     parallel.set_default_xla_flags()
     assert os.environ["XLA_FLAGS"] == ""
+
+
+@pytest.mark.parametrize("section, name, value, message", [
+    ("attack", "eps", -0.03, "attack.eps=-0.03 must lie in \\[0, 1\\]"),
+    ("attack", "steps", -1, "attack.steps=-1 must be an integer >= 0"),
+    ("train", "checkpoint_every_steps", -5, "checkpoint_every_steps=-5"),
+    ("train", "batch_size", 0, "train.batch_size=0 must be positive"),
+    ("train", "batch_size", 6, "multiple of the 4 devices"),
+    ("model", "name", "wrn-16-2", "model.widths applies to resnet18 only"),
+    ("model", "widths", (16, 32), "four positive integers"),
+])
+def test_invalid_options_stop_before_the_workdir_is_touched(tmp_path, section, name, value,
+                                                            message):
+    config = tiny_config(**{f"{section}__{name}": value})
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

@@ -7,8 +7,8 @@ One run: random start in the eps-ball, first step size 2*eps, momentum 0.75 (non
 step), best-loss point tracking, and at checkpoints (first after 22% of the iterations, then
 shrinking by 3% down to 6%) the step size of a point is halved and it restarts from its best
 point if its loss went up in at most rho = 75% of the steps since the last checkpoint, or if the
-last checkpoint did not halve it and its best loss did not improve. The loop is unrolled on CPU
-and a `lax.fori_loop` elsewhere (`pgd.fixed_loop`).
+last checkpoint did not halve it and its best loss did not improve. The loop is a `lax.fori_loop`
+(`unroll=True` unrolls it: faster to run on CPU, but minutes to compile; `pgd.fixed_loop`).
 
 `robust` is False for points found misclassified at any iterate; `x_adv` holds that iterate for
 them and the clean image otherwise, as the reference implementation returns.
@@ -158,7 +158,8 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
             grad=jnp.where(_per_example(reduce, x), s.grad_best, s.grad),
             reduced_last_check=reduce, loss_best_last_check=s.loss_best)
 
-    state = fixed_loop(n_iter, body, state, unroll)
+    # A large body: unrolled, 100 of them compile for minutes on CPU; fori_loop unless asked.
+    state = fixed_loop(n_iter, body, state, unroll, max_unrolled=0)
     return jax.lax.stop_gradient(state.x_best_adv), state.robust, start_grad
 
 

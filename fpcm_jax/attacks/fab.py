@@ -108,7 +108,8 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
         return x1, best, best_norm
 
     init = (x, x, jnp.full((batch,), 1e10, x.dtype))
-    _, best, best_norm = fixed_loop(n_iter, body, init, unroll)
+    # A large body: unrolled, 100 of them compile for minutes on CPU; fori_loop unless asked.
+    _, best, best_norm = fixed_loop(n_iter, body, init, unroll, max_unrolled=0)
     found = correct & (best_norm < 1e10)
     x_adv = jax.lax.stop_gradient(jnp.where(per_example(found), best, x))
     still_correct = jnp.argmax(logits_fn(x_adv), axis=1) == y

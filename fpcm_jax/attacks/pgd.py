@@ -31,24 +31,28 @@ def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     return jnp.clip(x + jnp.clip(x_adv - x, -eps, eps), 0.0, 1.0)
 
 
-# On CPU a loop is unrolled up to this many iterations (measured: benchmarks/README.md).
-UNROLL_MAX_STEPS_CPU = 20
+# On XLA:CPU a conv net inside a while loop ran 2-3x slower than unrolled (ResNet-18, batch 64,
+# PGD-20: 1.65 vs 6.33 images/s), while an unrolled loop's compile time and memory grow with
+# its length (PGD-20: 9 s, 1.4 GB; PGD-50: 24 s, 1.8 GB; APGD-100 or FAB-100, whose bodies
+# are larger: minutes and about 10 GB). So on CPU gradient-sign loops are unrolled up to
+# UNROLL_MAX_STEPS_CPU steps and APGD/FAB never; GPU/TPU always use lax.fori_loop, which
+# compiles one body in seconds. Figures: benchmarks/README.md.
+UNROLL_MAX_STEPS_CPU = 100
 
 
-def default_unroll(steps: int) -> bool:
-    """Whether a loop of `steps` iterations is unrolled by default: on XLA:CPU a conv net
-    inside a while loop ran 2-3x slower than unrolled, but an unrolled loop's compile time and
-    memory grow with its length (APGD-100 unrolled: over 3 minutes and 9.6 GB), so only short
-    loops are unrolled there; on GPU/TPU loops stay `lax.fori_loop` (compile in seconds)."""
-    return jax.default_backend() == "cpu" and steps <= UNROLL_MAX_STEPS_CPU
+def default_unroll(steps: int, max_steps: int = UNROLL_MAX_STEPS_CPU) -> bool:
+    """Whether a loop of `steps` iterations is unrolled by default: only on CPU, and only up
+    to `max_steps` iterations (0: never)."""
+    return jax.default_backend() == "cpu" and steps <= max_steps
 
 
 def fixed_loop(count: int, body: Callable[[Any, Any], Any], state: Any,
-               unroll: Optional[bool] = None) -> Any:
+               unroll: Optional[bool] = None, max_unrolled: int = UNROLL_MAX_STEPS_CPU) -> Any:
     """body(i, state) -> state, `count` times: a Python loop (unrolled into the compiled graph)
-    or a `lax.fori_loop`; None picks by backend and length (`default_unroll`)."""
+    or a `lax.fori_loop`; None picks by backend and length (`default_unroll` with
+    `max_unrolled`)."""
     if unroll is None:
-        unroll = default_unroll(count)
+        unroll = default_unroll(count, max_unrolled)
     if unroll:
         for i in range(count):
             state = body(i, state)
