@@ -4,8 +4,9 @@ import json
 import os
 
 import numpy as np
+import pytest
 
-from conftest import train_tiny_run
+from conftest import tiny_config, train_tiny_run
 from fpcm_jax import checkpoint, data, evaluate, experiment, models
 
 
@@ -32,3 +33,18 @@ def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
     assert saved["attacks"]["pgd3"]["parameters"]["eps"] == config.attack.eps
     assert saved["attacks"]["apgd-ce"]["parameters"]["apgd"]["n_iter"] == 5
     assert os.path.basename(report["report_path"]) == "eval_none_pgd3_apgd-ce.json"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("num_examples", 0, "--num_examples=0 must be positive"),
+    ("num_examples", -5, "--num_examples=-5 must be positive"),
+    ("batch_size", 0, "--batch_size=0 must be positive"),
+    ("eps", -0.03, "--eps=-0.03 must lie in"),
+    ("step_size", 2.0, "--step_size=2.0 must lie in"),
+])
+def test_bad_eval_options_stop_before_anything_is_loaded_or_written(tmp_path, option, value,
+                                                                    message):
+    config = tiny_config()
+    with pytest.raises(ValueError, match=message):
+        evaluate.run_evaluation(config, str(tmp_path / "eval"), ["pgd3"], **{option: value})
+    assert not os.path.exists(tmp_path / "eval")

@@ -1,12 +1,20 @@
-"""Short learning check: PGD-AT gives clearly higher PGD-20 accuracy than standard training.
+"""Short learning check: PGD-AT gives clearly higher PGD-20 accuracy than standard training,
+in float32 and in bfloat16 mixed precision.
 
-A shortened tiny config (12 epochs, a smaller ResNet, PGD-5) on scikit-learn's digits. At
-eps 8/255 the upscaled 8x8 digits are nearly robust already after standard training, so this
-short check uses eps 32/255 (step 10/255) for training and for the test attack, where a
-standard model falls to ~0%. The full check (configs/tiny.py at 8/255) is in the README.
-bfloat16 mixed precision must pass the same check. This short run is very seed-dependent
-(PGD-20 accuracy over seeds 0, 1, 2: float32 21.5%, 3.7%, 19.9%; bfloat16 16.2%, 7.4%, 26.9%),
-so bf16 is held to the float32 criterion, not to float32's exact figure.
+A shortened tiny config on scikit-learn's digits: ResNet widths 8-64, 8 epochs of batch 32
+(344 SGD steps), PGD-5 at eps 16/255 (step 4/255) for training and PGD-20 at the same eps for
+the final test (297 digits). At 16/255 a standard model keeps well under half of its
+accuracy; small batches give enough SGD steps for adversarial training to converge (with
+batch 128, 12 epochs, the outcome swung with the seed: PGD-AT clean accuracy 36% to 71%).
+
+Measured here over seeds 0-3 (2-core CPU, JAX 0.10.2):
+  float32 PGD-AT:  clean 0.990-0.997, PGD-20 0.916-0.943
+  bfloat16 PGD-AT: clean 0.987-0.993, PGD-20 0.892-0.946
+  float32 standard: clean 0.987-0.993, PGD-20 0.370-0.609
+Standard training's robust accuracy is the loosest (a range of 0.24), so the checks are
+absolute bounds that sit well outside every measured range (a run of another machine's
+arithmetic is another draw from these ranges), plus a gap of PGD-AT over standard training
+that the measured runs exceed by at least 0.18.
 """
 
 import pytest
@@ -14,35 +22,41 @@ import pytest
 from configs import tiny
 from fpcm_jax import train
 
+CLEAN = 0.9    # clean accuracy every run reaches (measured >= 0.987)
+ROBUST = 0.8   # PGD-20 accuracy of PGD-AT (measured >= 0.892; standard training <= 0.609)
+GAP = 0.1      # PGD-AT over standard training in the same sitting (measured >= 0.28)
+
 
 def short_run(workdir, attack_steps, dtype="float32"):
     config = tiny.get_config()
     config.model.dtype = dtype
     config.model.widths = (8, 16, 32, 64)
-    config.train.epochs = 12
-    config.train.lr = 0.1
+    config.train.epochs = 8
+    config.train.batch_size = 32
+    config.train.lr = 0.05
     config.train.warmup_epochs = 1
     config.train.eval_every_epochs = 0
     config.attack.steps = attack_steps
-    config.attack.eps = 32 / 255
-    config.attack.step_size = 10 / 255
+    config.attack.eps = 16 / 255
+    config.attack.step_size = 4 / 255
     return train.train_and_evaluate(config, str(workdir))
 
 
 @pytest.fixture(scope="module")
-def float32_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("learning")
-    return {"pgd_at": short_run(base / "pgd_at", attack_steps=5),
-            "standard": short_run(base / "standard", attack_steps=0)}
+def standard(tmp_path_factory):
+    return short_run(tmp_path_factory.mktemp("standard"), attack_steps=0)
 
 
-def test_pgd_at_beats_standard_training_under_pgd20(float32_runs):
-    adversarial, standard = float32_runs["pgd_at"], float32_runs["standard"]
-    assert standard["test_clean_acc"] > 0.9  # the model and data are fine
-    assert adversarial["test_pgd20_acc"] > standard["test_pgd20_acc"] + 0.10
+def test_pgd_at_beats_standard_training_under_pgd20(standard, tmp_path):
+    adversarial = short_run(tmp_path, attack_steps=5)
+    assert standard["test_clean_acc"] > CLEAN  # the model and data are fine
+    assert adversarial["test_clean_acc"] > CLEAN
+    assert adversarial["test_pgd20_acc"] > ROBUST
+    assert adversarial["test_pgd20_acc"] > standard["test_pgd20_acc"] + GAP
 
 
-def test_bfloat16_trains_as_well_as_float32(float32_runs, tmp_path):
-    mixed = short_run(tmp_path / "bf16", attack_steps=5, dtype="bfloat16")
-    assert mixed["test_clean_acc"] >= float32_runs["pgd_at"]["test_clean_acc"] - 0.05
-    assert mixed["test_pgd20_acc"] > float32_runs["standard"]["test_pgd20_acc"] + 0.10
+def test_bfloat16_trains_as_well_as_float32(standard, tmp_path):
+    mixed = short_run(tmp_path, attack_steps=5, dtype="bfloat16")
+    assert mixed["test_clean_acc"] > CLEAN
+    assert mixed["test_pgd20_acc"] > ROBUST
+    assert mixed["test_pgd20_acc"] > standard["test_pgd20_acc"] + GAP

@@ -47,6 +47,9 @@ def get(name: str, **options) -> Callable:
     match = re.fullmatch(r"(pgd|cw)(\d+)", key)
     if match:
         kind, steps = match.group(1), int(match.group(2))
+        if steps < 1:
+            raise ValueError(f"Attack {name!r} has no steps; give N >= 1 (e.g. {kind}20), or "
+                             f"'none' for clean accuracy.")
         return functools.partial(pgd if kind == "pgd" else cw, steps=steps, **options)
     raise ValueError(f"Unknown attack {name!r}; valid: {', '.join(ATTACK_NAMES)} "
                      f"(N = number of steps, e.g. pgd50).")
