@@ -43,9 +43,11 @@ attack --dtype bfloat16
     --repeats 1 | tee -a "$out/attacks.jsonl"
 # The test suite on the accelerator (the 4-device tests skip; multi-process ones use CPUs).
 if [ "${TESTS:-1}" = "1" ]; then
+  status=0
   (cd "$here/.." && JAX_PLATFORMS="${TEST_PLATFORMS:-cuda}" timeout "${TEST_TIMEOUT:-420}" \
-      "$python" -m pytest -q -x -p no:cacheprovider > "$out/tests.txt" 2>&1; \
-      echo "pytest exit code $?" >> "$out/tests.txt")
+      "$python" -m pytest -q -p no:cacheprovider "${TEST_ARGS:-tests}") > "$out/tests.txt" 2>&1 \
+      || status=$?
+  echo "pytest exit code $status" >> "$out/tests.txt"
   tail -n 3 "$out/tests.txt"
 fi
 echo "results in $out"
