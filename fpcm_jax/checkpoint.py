@@ -19,7 +19,6 @@ import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from fpcm_jax import experiment, models, parallel
@@ -102,10 +101,9 @@ def load_variables(directory: str, template: Optional[Dict[str, Any]] = None,
 
 def check_matches(variables: Dict[str, Any], template: Dict[str, Any], what: str) -> None:
     """Raise a clear error unless variables have the template's structure and shapes."""
-    found = {jax.tree_util.keystr(path): tuple(np.shape(leaf) if not hasattr(leaf, "shape")
-                                               else leaf.shape)
-             for path, leaf in jax.tree_util.tree_leaves_with_path(
-                 variables, is_leaf=lambda leaf: hasattr(leaf, "shape"))}
+    has_shape = lambda leaf: hasattr(leaf, "shape")  # arrays, and orbax's array metadata
+    found = {jax.tree_util.keystr(path): tuple(leaf.shape)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=has_shape)}
     wanted = {jax.tree_util.keystr(path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_leaves_with_path(template)}
     for name in sorted(set(found) | set(wanted)):

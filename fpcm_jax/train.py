@@ -13,7 +13,6 @@ computed from the traced step counter, so nothing recompiles during training.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys

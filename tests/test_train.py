@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import needs_four_devices, read_train_state, tiny_config
-from fpcm_jax import checkpoint, data, experiment, losses, models, parallel, train
+from fpcm_jax import data, experiment, losses, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
