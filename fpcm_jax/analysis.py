@@ -237,13 +237,14 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
         }
         results["models"][label]["_alpha_samples"] = {k: v for k, v in alphas.items()}
     path = os.path.join(workdir, "analysis.json")
-    if parallel.is_main_process():
+    main = parallel.is_main_process()
+    if main:
         os.makedirs(workdir, exist_ok=True)
         from fpcm_jax import plots
         results["figures"] = plots.write_all(results, workdir)
     for model_result in results["models"].values():
         model_result.pop("_alpha_samples")
-    if parallel.is_main_process():
+    if main:
         with open(path + ".partial", "w") as handle:
             json.dump(results, handle, indent=1)
         os.replace(path + ".partial", path)

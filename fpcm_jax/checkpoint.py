@@ -80,11 +80,16 @@ def load_variables(directory: str, template: Optional[Dict[str, Any]] = None,
 
     The arrays are restored replicated over `mesh` (default: every device now present), so a
     checkpoint saved on any number of devices or hosts loads on any other. With a template
-    (e.g. `convert.variables_template(model)`), a checkpoint whose variables differ in
+    (e.g. `models.variables_template(model)`), a checkpoint whose variables differ in
     structure or shape stops with an error that names the first difference.
     """
     directory = os.path.abspath(directory)
     model_info = read_model_info(directory)
+    return _restore_variables(directory, model_info, template, mesh), model_info
+
+
+def _restore_variables(directory: str, model_info: Dict[str, Any],
+                       template: Optional[Dict[str, Any]], mesh) -> Dict[str, Any]:
     path = os.path.join(directory, VARIABLES_DIR)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(path).item_metadata.tree
@@ -95,8 +100,7 @@ def load_variables(directory: str, template: Optional[Dict[str, Any]] = None,
         target = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding),
             stored, is_leaf=lambda leaf: hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
-        variables = checkpointer.restore(path, target)
-    return variables, model_info
+        return checkpointer.restore(path, target)
 
 
 def check_matches(variables: Dict[str, Any], template: Dict[str, Any], what: str) -> None:
@@ -152,7 +156,7 @@ def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
                              f"is built from the checkpoint. Drop the flag, or choose another "
                              f"--checkpoint.")
     model = experiment.model_from_description(description, dtype, fpcm_lowpass)
-    variables, info = load_variables(directory, models.variables_template(model), mesh)
+    variables = _restore_variables(directory, info, models.variables_template(model), mesh)
     return model, variables, info, directory
 
 

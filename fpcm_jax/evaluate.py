@@ -55,13 +55,12 @@ def evaluate_split(eval_step: Callable, variables: Any, split: data.Split, batch
     count = len(split) if limit is None else min(limit, len(split))
     sharded = parallel.batch_sharded(mesh)
     pending = collections.deque()  # (examples done, clean count, robust count) on device
-    totals = {"done": 0, "clean": 0, "robust": 0}
+    totals = {"clean": 0, "robust": 0}
 
     def collect(keep: int) -> None:
         """Add finished batches in order; wait only while more than `keep` are pending."""
         while pending and (len(pending) > keep or pending[0][1].is_ready()):
             stop, clean, robust = pending.popleft()
-            totals["done"] = stop
             totals["clean"] += int(clean)
             totals["robust"] += int(robust)
             if progress is not None:
