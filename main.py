@@ -33,6 +33,8 @@ flags.DEFINE_integer("num_examples", None, "eval: the first N examples (default:
 flags.DEFINE_integer("batch_size", None, "eval: batch size (default: config.eval.batch_size).")
 flags.DEFINE_integer("seed", 0, "eval: random seed of the attacks.")
 flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "eval: which split.")
+flags.DEFINE_bool("allow_fallback", False, "eval/analyze: when a run directory's best_robust/ "
+                  "is damaged, load its best_sum/ (with a warning) instead of stopping.")
 flags.DEFINE_list("checkpoints", None, "analyze: run directories or checkpoints, comma list.")
 flags.DEFINE_list("labels", None, "analyze: a label per checkpoint (default: the run names).")
 flags.DEFINE_string("coordinator_address", None, "several processes: HOST:PORT of process 0's "
@@ -82,7 +84,7 @@ def main(argv, overrides):
                 raise ValueError("--mode analyze needs --checkpoints A,B,... (run directories "
                                  "or model checkpoints).")
             result = analysis.run_analysis(config, FLAGS.checkpoints, FLAGS.workdir, FLAGS.labels,
-                                           overrides)
+                                           overrides, FLAGS.allow_fallback)
             if parallel.is_main_process():
                 print(f"Wrote {result['path']} and {', '.join(result['figures'])}")
             return 0
@@ -91,7 +93,8 @@ def main(argv, overrides):
             evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
                                     FLAGS.num_examples, FLAGS.batch_size, FLAGS.eps, FLAGS.seed,
                                     FLAGS.split, step_size=FLAGS.step_size,
-                                    model_overrides=overrides)
+                                    model_overrides=overrides,
+                                    allow_fallback=FLAGS.allow_fallback)
             return 0
         result = train.train_and_evaluate(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, data.DatasetError, train.TrainingError,

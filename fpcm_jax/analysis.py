@@ -190,25 +190,29 @@ def _stage_ends(outputs: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
     return dict(sorted(stages.items()))
 
 
-def load_checkpoint_model(path: str, config, overrides=None
+def load_checkpoint_model(path: str, config, overrides=None, allow_fallback: bool = False
                           ) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
     """(model, variables as host arrays, info) for a run directory (its best_robust/) or a
     model checkpoint; the analyses then run on each process's own first device."""
-    model, variables, info, _ = checkpoint.load_model(path, overrides=overrides,
-                                                      dtype=config.model.dtype,
-                                                      fpcm_lowpass=config.model.fpcm_lowpass)
+    model, variables, info, _ = checkpoint.load_model(
+        path, overrides=overrides, dtype=config.model.dtype,
+        fpcm_lowpass=config.model.fpcm_lowpass, allow_fallback=allow_fallback,
+        flag="--checkpoints")
     return model, jax.device_get(variables), info
 
 
 def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
                  labels: Optional[Sequence[str]] = None,
-                 model_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                 model_overrides: Optional[Dict[str, Any]] = None,
+                 allow_fallback: bool = False) -> Dict[str, Any]:
     """All analyses for each checkpoint; writes analysis.json and the PNG plots to workdir
     (process 0 only, when several processes run it)."""
     settings = config.analysis
     labels = list(labels) if labels else [_label(p) for p in checkpoint_paths]
     if len(labels) != len(checkpoint_paths):
         raise ValueError(f"{len(labels)} labels for {len(checkpoint_paths)} checkpoints.")
+    for path in checkpoint_paths:  # every one exists, before any work
+        checkpoint.model_checkpoints(path, flag="--checkpoints")
     _, _, test_split = data.load(config.data.name, config.data.data_dir,
                                  config.data.validation_size, config.data.prepare, config.seed)
     count = min(settings.num_examples, len(test_split))
@@ -222,7 +226,7 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
                                "settings": settings.to_dict(), "filter_radii": radii,
                                "models": {}}
     for label, path in zip(labels, checkpoint_paths):
-        model, variables, _ = load_checkpoint_model(path, config, model_overrides)
+        model, variables, _ = load_checkpoint_model(path, config, model_overrides, allow_fallback)
         analyzer = Analyzer(model, variables, config.eval.batch_size)
         alphas = analyzer.alphas(x)
         results["models"][label] = {

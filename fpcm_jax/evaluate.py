@@ -123,12 +123,14 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
                    seed: int = 0, split: str = "test",
                    autoattack_options: Optional[Dict[str, int]] = None,
                    step_size: Optional[float] = None,
-                   model_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   model_overrides: Optional[Dict[str, Any]] = None,
+                   allow_fallback: bool = False) -> Dict[str, Any]:
     """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report.
 
     The model comes from the checkpoint (`checkpoint.load_model`: its model.json), the data
     from config.data; `model_overrides` are model fields given on the command line, which must
-    agree with the checkpoint. eps and step_size default to config.attack's.
+    agree with the checkpoint; `allow_fallback` evaluates best_sum/ when best_robust/ is
+    damaged. eps and step_size default to config.attack's.
     autoattack_options (n_iter, n_queries, n_target_classes) depart from the published
     parameters: for quick checks only; the report records them.
     """
@@ -141,7 +143,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
     mesh = parallel.make_mesh()
     model, variables, info, path = checkpoint.load_model(
         checkpoint_path or workdir, mesh, model_overrides, config.model.dtype,
-        config.model.fpcm_lowpass)
+        config.model.fpcm_lowpass, allow_fallback)
     spec = data.get_spec(config.data.name)
     if info["num_classes"] != spec.num_classes:
         raise ValueError(f"The checkpoint {path} classifies {info['num_classes']} classes, "
