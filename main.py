@@ -2,8 +2,8 @@
 
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18          # train
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18 --mode eval --attack pgd50
-    python main.py --config configs/cifar10_resnet18.py --mode eval --attack autoattack \
-        --checkpoint runs/official_r18 --workdir runs/official_r18
+    python main.py --config configs/cifar10_resnet18.py --mode eval --attack autoattack
+        --checkpoint runs/official_r18 --workdir runs/official_r18    # (one command)
     python main.py --config configs/tiny.py --mode analyze --checkpoints runs/a,runs/b --workdir runs/an
     python main.py --config configs/cifar10_resnet18.py --mode info                 # model only
 
@@ -21,7 +21,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "info"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "info"],
+                  "train (or resume) in --workdir; eval: attack a trained model; analyze: "
+                  "frequency analyses of --checkpoints; info: describe the model only.")
 flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, pgdN, cwN, "
                     "apgd-ce, apgd-t, fab-t, square, autoattack).")
 flags.DEFINE_string("checkpoint", None, "eval: a model checkpoint or a run directory (default: "
@@ -104,8 +106,28 @@ def main(argv, overrides):
     return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def print_help(full: bool) -> None:
+    """The modes and flags (--helpfull: also every config key with its default)."""
+    print(__doc__.strip())
+    print(f"\nFlags:\n{FLAGS.module_help(sys.modules[__name__])}")
+    if full:
+        from configs import default
+        print("\nConfig keys (configs/default.py; set one with --config.SECTION.KEY=VALUE, "
+              "e.g. --config.train.epochs=10):")
+        print(default.get_config())
+    else:
+        print("\n--helpfull also lists every config key with its default.")
+
+
 def parse_flags(argv):
     """Parse flags; a bad flag or an unknown config key is one line on stderr, exit code 2."""
+    asked = [arg.split("=")[0] for arg in argv[1:] if arg.split("=")[0] in HELP_FLAGS]
+    if asked:
+        print_help(full="--helpfull" in asked)
+        sys.exit(0)
     try:
         remaining = FLAGS(argv)
         FLAGS.config.keys()  # config_flags defers a config file's load errors to first use

@@ -173,8 +173,8 @@ def save_variables(directory: str, variables: Dict[str, Any], model_info: Dict[s
         checkpointer.wait_until_finished()
     parallel.barrier(f"save_variables:written:{directory}")
     if main:
-        _write_json(os.path.join(staging, CHECKSUMS_FILE), checksums)
-        _write_json(os.path.join(staging, MODEL_INFO_FILE), model_info)
+        write_json(os.path.join(staging, CHECKSUMS_FILE), checksums)
+        write_json(os.path.join(staging, MODEL_INFO_FILE), model_info)
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(directory):
             os.replace(directory, old)  # the previous checkpoint stays until the new one is in
@@ -183,7 +183,7 @@ def save_variables(directory: str, variables: Dict[str, Any], model_info: Dict[s
     parallel.barrier(f"save_variables:done:{directory}")
 
 
-def _write_json(path: str, content: Dict[str, Any]) -> None:
+def write_json(path: str, content: Dict[str, Any]) -> None:
     """Write a JSON file whole or not at all (flushed to disk before it takes the name)."""
     with open(path + ".partial", "w") as handle:
         json.dump(content, handle, indent=2)
@@ -395,7 +395,7 @@ class RunDirectory:
                                  f"({detail}). Use a new --workdir, or the same model config.")
         elif jax.process_index() == 0:
             os.makedirs(self.workdir, exist_ok=True)
-            _write_json(path, description)
+            write_json(path, description)
         parallel.barrier(f"run_directory:{self.workdir}")  # run.json exists for everyone
 
     def restore_latest(self, state: Any) -> Tuple[Any, Dict[str, float]]:
@@ -500,7 +500,7 @@ class RunDirectory:
 
     def write_summary(self, summary: Dict[str, Any]) -> None:
         if jax.process_index() == 0:
-            _write_json(os.path.join(self.workdir, "summary.json"), summary)
+            write_json(os.path.join(self.workdir, "summary.json"), summary)
 
     def listing(self) -> List[str]:
         names = ["checkpoints", *reversed(BEST_CHECKPOINTS)]

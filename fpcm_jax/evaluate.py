@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from tqdm import tqdm
 
-from fpcm_jax import attacks, checkpoint, data, experiment, parallel
+from fpcm_jax import attacks, checkpoint, data, experiment, parallel, progress
 
 
 def make_eval_step(model: nn.Module, attack: Callable, mesh) -> Callable:
@@ -164,19 +162,29 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
               "processes": jax.process_count(), "attacks": {}, "warnings": []}
     main = parallel.is_main_process()
     sharded = parallel.batch_sharded(mesh)
+    path = os.path.join(workdir, report_name(report, attack_names, step_size))
     for index, name in enumerate(attack_names):
         attack_key = jax.random.fold_in(key, index)
         start = time.time()
         if name == "autoattack" or name in AUTOATTACK_COMPONENTS:
             components = AUTOATTACK_COMPONENTS if name == "autoattack" else (name,)
-            shout = (lambda part, acc: print(f"  {name}: after {part} robust accuracy "
-                                             f"{acc:.4f}", flush=True)) if main else None
+            bars = _StageBars(name, count, main)
+
+            def component_done(part, accuracy, name=name, bars=bars, start=start):
+                bars.close()
+                if main:
+                    progress.say(f"  {name}: after {part} robust accuracy {accuracy:.4f} "
+                                 f"({time.time() - start:.0f} s)")
+                    report["attacks"][name] = {"robust_acc_so_far": accuracy,
+                                               "components_done": part, "complete": False}
+                    _write_partial(path, report)
+
             result = attacks.autoattack(logits_fn, data.to_float(subset.images), subset.labels,
                                         attack_key, eps, params=variables,
                                         attacks_to_run=components, batch_size=batch_size,
                                         put=lambda array: parallel.global_array(array, sharded),
-                                        fetch=parallel.fetch, progress=shout,
-                                        **autoattack_options)
+                                        fetch=parallel.fetch, progress=component_done,
+                                        on_batch=bars.update, **autoattack_options)
             entry = {"clean_acc": result["clean_accuracy"], "robust_acc": result["robust_accuracy"],
                      "accuracy_after": result["accuracy_after"],
                      "seconds_per_component": {k: round(v, 1)
@@ -188,7 +196,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
             if name.startswith(("pgd", "cw")):
                 options["step_size"] = step_size
             step = make_eval_step(model, attacks.get(name, **options), mesh)
-            bar = tqdm(total=count, desc=name, disable=not main, file=sys.stdout)
+            bar = progress.bar(count, name, enabled=main)
 
             def show(done, clean, robust, bar=bar):
                 bar.update(done - bar.n)
@@ -202,10 +210,51 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         entry["seconds"] = round(time.time() - start, 2)
         entry["images_per_second"] = round(count / max(entry["seconds"], 1e-9), 2)
         report["attacks"][name] = entry
+        if main and index + 1 < len(attack_names):
+            _write_partial(path, report)
     if main:
         _print_table(report)
-        report["report_path"] = _write_report(workdir, report)
+        report["report_path"] = _write_report(path, report)
     return report
+
+
+class _StageBars:
+    """AutoAttack's progress: a bar per stage (points attacked of those left, robust accuracy
+    so far, time), shown on a terminal."""
+
+    def __init__(self, name: str, count: int, enabled: bool):
+        self.name, self.count, self.enabled = name, count, enabled
+        self.bar, self.stage = None, None
+
+    def update(self, component, stage, stages, done, total, robust):
+        if (component, stage) != self.stage:
+            self.close()
+            label = component if stages == 1 else f"{component} {stage + 1}/{stages}"
+            self.bar = progress.bar(total, f"{self.name}: {label}", enabled=self.enabled)
+            self.stage = (component, stage)
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(robust=f"{robust / max(self.count, 1):.4f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.stage = None, None
+
+
+def report_name(report: Dict[str, Any], attack_names: List[str], step_size: float) -> str:
+    """eval_<split>_<attacks>_eps<eps>[_step<step>]_n<count>[_seed<seed>].json: reports of
+    other settings never share a name (eps and steps as k-255 when they are k/255)."""
+    def number(value):
+        scaled = value * 255
+        return f"{round(scaled)}-255" if abs(scaled - round(scaled)) < 1e-6 else f"{value:.6g}"
+
+    parts = ["eval", report["split"], "_".join(attack_names), f"eps{number(report['eps'])}"]
+    if any(name.startswith(("pgd", "cw")) for name in attack_names):
+        parts.append(f"step{number(step_size)}")
+    parts.append(f"n{report['examples']}")
+    if report["seed"]:
+        parts.append(f"seed{report['seed']}")
+    return "_".join(parts) + ".json"
 
 
 def _autoattack_parameters(eps: float, changed: Dict[str, int]) -> Dict[str, Any]:
@@ -232,13 +281,28 @@ def _print_table(report: Dict[str, Any]) -> None:
         print(f"warning: {warning}")
 
 
-def _write_report(workdir: str, report: Dict[str, Any]) -> str:
-    """eval_<attacks>.json in the workdir, written whole or not at all."""
-    os.makedirs(workdir, exist_ok=True)
-    name = "eval_" + "_".join(report["attacks"]) + ".json"
-    path = os.path.join(workdir, name)
-    with open(path + ".partial", "w") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(path + ".partial", path)
-    print(f"Report: {path}")
+HISTORY_FILE = "evaluations.jsonl"
+
+
+def _write_partial(path: str, report: Dict[str, Any]) -> None:
+    """What is finished so far, as <report>.partial.json (replaced by the report when done)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpoint.write_json(path[:-len(".json")] + ".partial.json", {**report, "complete": False})
+
+
+def _write_report(path: str, report: Dict[str, Any]) -> str:
+    """The report, written whole or not at all, and appended to the workdir's history of
+    evaluations (so a rerun with the same settings replaces the file, never the record)."""
+    replaced = os.path.exists(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpoint.write_json(path, {**report, "complete": True})
+    with open(os.path.join(os.path.dirname(path), HISTORY_FILE), "a") as handle:
+        handle.write(json.dumps({**report, "complete": True, "report_path": path,
+                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    partial = path[:-len(".json")] + ".partial.json"
+    if os.path.exists(partial):
+        os.remove(partial)
+    note = (f" (replacing an earlier report of the same settings; every evaluation stays in "
+            f"{HISTORY_FILE})" if replaced else "")
+    print(f"Report: {path}{note}")
     return path

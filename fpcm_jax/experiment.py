@@ -37,6 +37,9 @@ def describe(config) -> Dict[str, Any]:
     description = json.loads(config.model.to_json())
     for how_computed in HOW_COMPUTED:
         description.pop(how_computed, None)
+    for field in RESNET_ONLY:  # `--config.model.widths=()` unsets (a flag cannot give None)
+        if not description.get(field):
+            description[field] = None
     description["num_classes"] = data.get_spec(config.data.name).num_classes
     description["dataset"] = config.data.name
     return description
@@ -51,12 +54,16 @@ def complete(description: Dict[str, Any]) -> Dict[str, Any]:
 def check_options(description: Dict[str, Any]) -> None:
     """Clear errors for model options that the named model cannot take."""
     name = str(description["name"]).lower()
+    if name not in ("resnet18", "resnet-18") and not models.is_wide_resnet_name(name):
+        raise ValueError(f"--config.model.name={description['name']!r} is not a model; valid "
+                         f"names: {', '.join(models.MODEL_NAMES)}; a WideResNet's depth is "
+                         f"6n+4.")
     if name not in ("resnet18", "resnet-18"):
         given = [field for field in RESNET_ONLY if description.get(field)]
         if given:
             raise ValueError(f"--config.model.{given[0]} applies to resnet18 only; "
                              f"{description['name']} sets its widths by name (wrn-<depth>-"
-                             f"<width>): set --config.model.{given[0]}=None.")
+                             f"<width>): unset it with --config.model.{given[0]}=().")
     for field in RESNET_ONLY:
         value = description.get(field)
         if value is not None and (len(value) != 4 or min(value) < 1):

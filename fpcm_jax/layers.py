@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import nnx
 
@@ -36,7 +37,11 @@ WEIGHT_GENERATORS = ("depthwise", "dense")
 
 
 def cutoff_fraction(progress, start: float = 0.5, end: float = 0.125) -> jax.Array:
-    """Cutoff D0 as a fraction of P, linear in training progress (clamped to [0, 1])."""
+    """Cutoff D0 as a fraction of P, linear in training progress (clamped to [0, 1]).
+    A progress known outside jit must be finite (a traced one cannot be checked here)."""
+    if not isinstance(progress, jax.core.Tracer) and not np.all(np.isfinite(progress)):
+        raise ValueError(f"FPCM progress={progress} must be a finite number in [0, 1] "
+                         f"(training progress; 1.0 for the final cutoff).")
     progress = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
     return start + (end - start) * progress
 

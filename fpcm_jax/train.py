@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import time
 from typing import Any, Callable, Dict, Tuple
 
@@ -26,9 +25,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import linen as nn
-from tqdm import tqdm
 
-from fpcm_jax import checkpoint, data, evaluate, experiment, layers, losses, models, parallel
+from fpcm_jax import (checkpoint, data, evaluate, experiment, layers, losses, models, parallel,
+                      progress)
 from fpcm_jax.attacks.pgd import pgd_iterate, uniform_start
 
 BN_MODES = ("train", "batch_stats_frozen", "eval")
@@ -304,9 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         while step < total_steps:
             epoch = step // steps_per_epoch
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train_split))
-            bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{config.train.epochs}", disable=not main,
-                       dynamic_ncols=True, file=sys.stdout)
+            bar = progress.bar(steps_per_epoch, f"epoch {epoch + 1}/{config.train.epochs}",
+                               enabled=main, initial=step % steps_per_epoch)
             epoch_start, epoch_images = time.time(), 0
             while step < total_steps and step // steps_per_epoch == epoch:
                 position = step % steps_per_epoch
@@ -329,8 +327,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 due = (every and step % every == 0) or end_of_epoch
                 interrupted = stop_agreed or (stop_after and step - start_step >= stop_after)
                 if due or interrupted or step == total_steps:
-                    settle(pending)
+                    shown = settle(pending) or shown
                     pending = None
+                    if end_of_epoch and main and not progress.interactive():
+                        rate = epoch_images / max(time.time() - epoch_start, 1e-9)
+                        progress.say(f"epoch {epoch + 1}/{config.train.epochs}: loss "
+                                     f"{shown['loss']:.4f}, clean {shown['clean_acc']:.3f}, adv "
+                                     f"{shown['adv_acc']:.3f} (last batch), {rate:.1f} img/s")
                     if end_of_epoch:
                         best = _end_of_epoch(config, run, state, best, eval_step, val_split,
                                              eval_key, mesh, step // steps_per_epoch, main)
@@ -339,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     bar.close()
                     reason = "SIGTERM" if stop_agreed else "train.stop_after_steps"
                     if main:
-                        print(f"Stopped at step {step} ({reason}); run the same command to "
-                              f"resume from {run.checkpoint_dir}.")
+                        progress.say(f"Stopped at step {step} ({reason}); run the same command "
+                                     f"to resume from {run.checkpoint_dir}.")
                     return {"stopped_at_step": step, "reason": reason}
             bar.close()
         settle(pending)
@@ -362,9 +365,9 @@ def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh
               "val_robust_acc": result["robust_acc"]}
     run.log_metrics(record)
     if main:
-        print(f"epoch {epoch}: validation clean {result['clean_acc']:.4f}, "
-              f"PGD-{config.eval.attack_steps} {result['robust_acc']:.4f} "
-              f"({result['examples']} images)")
+        progress.say(f"epoch {epoch}: validation clean {result['clean_acc']:.4f}, "
+                     f"PGD-{config.eval.attack_steps} {result['robust_acc']:.4f} "
+                     f"({result['examples']} images)")
     best = dict(best)
     total = result["clean_acc"] + result["robust_acc"]
     if total > best.get("sum", -1.0):
@@ -388,7 +391,7 @@ def _final_summary(config, run, model, state, test_split, eval_key, mesh, main):
                f"test_pgd{steps}_acc": result["robust_acc"], "checkpoints": run.listing()}
     run.write_summary(summary)
     if main:
-        print(f"Final model on the test split ({result['examples']} images): clean "
-              f"{result['clean_acc']:.4f}, PGD-{steps} {result['robust_acc']:.4f}. "
-              f"Checkpoints: {', '.join(summary['checkpoints'])}.")
+        progress.say(f"Final model on the test split ({result['examples']} images): clean "
+                     f"{result['clean_acc']:.4f}, PGD-{steps} {result['robust_acc']:.4f}. "
+                     f"Checkpoints: {', '.join(summary['checkpoints'])}.")
     return summary

@@ -32,7 +32,18 @@ def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
         saved = json.load(handle)
     assert saved["attacks"]["pgd3"]["parameters"]["eps"] == config.attack.eps
     assert saved["attacks"]["apgd-ce"]["parameters"]["apgd"]["n_iter"] == 5
-    assert os.path.basename(report["report_path"]) == "eval_none_pgd3_apgd-ce.json"
+    assert os.path.basename(report["report_path"]) == (
+        "eval_test_none_pgd3_apgd-ce_eps8-255_step2-255_n50.json")
+    assert saved["complete"] and not [n for n in os.listdir(tmp_path) if "partial" in n]
+    # Other settings get another name; a rerun of the same settings keeps the history.
+    again = evaluate.run_evaluation(config, str(tmp_path), ["none"], num_examples=40, eps=0.01,
+                                    seed=3, split="validation")
+    assert os.path.basename(again["report_path"]) == "eval_validation_none_eps0.01_n40_seed3.json"
+    evaluate.run_evaluation(config, str(tmp_path), ["none"], num_examples=40, eps=0.01, seed=3,
+                            split="validation")
+    history = [json.loads(line) for line in open(tmp_path / evaluate.HISTORY_FILE)]
+    assert [entry["examples"] for entry in history] == [50, 40, 40]
+    assert os.path.exists(report["report_path"])
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -48,3 +59,26 @@ def test_bad_eval_options_stop_before_anything_is_loaded_or_written(tmp_path, op
     with pytest.raises(ValueError, match=message):
         evaluate.run_evaluation(config, str(tmp_path / "eval"), ["pgd3"], **{option: value})
     assert not os.path.exists(tmp_path / "eval")
+
+
+def test_an_interrupted_autoattack_keeps_the_components_it_finished(tmp_path, monkeypatch):
+    config = train_tiny_run(tmp_path)
+    real_autoattack = evaluate.attacks.autoattack
+
+    def stopped_after_the_first_component(*args, progress=None, **kwargs):
+        def progress_then_interrupt(part, accuracy):
+            progress(part, accuracy)
+            raise KeyboardInterrupt
+
+        return real_autoattack(*args, progress=progress_then_interrupt, **kwargs)
+
+    monkeypatch.setattr(evaluate.attacks, "autoattack", stopped_after_the_first_component)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_evaluation(config, str(tmp_path), ["pgd2", "autoattack"], num_examples=24,
+                                batch_size=8, autoattack_options={"n_iter": 3, "n_queries": 5})
+    [partial] = [name for name in os.listdir(tmp_path) if name.startswith("eval_")]
+    assert partial.endswith(".partial.json")
+    saved = json.load(open(tmp_path / partial))
+    assert saved["complete"] is False and saved["attacks"]["pgd2"]["robust_acc"] >= 0
+    assert saved["attacks"]["autoattack"]["components_done"] == "apgd-ce"
+    assert 0 <= saved["attacks"]["autoattack"]["robust_acc_so_far"] <= 1

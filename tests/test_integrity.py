@@ -217,6 +217,7 @@ def test_eval_of_a_damaged_best_model_stops_or_falls_back_when_asked(tiny_model,
     assert not [name for name in os.listdir(workdir) if name.startswith("eval")]
     fallen_back = run_main(*command, "--allow_fallback")
     assert fallen_back.returncode == 0, fallen_back.stderr
+    assert "\r" not in fallen_back.stdout  # not a terminal: no progress bar redraws
     assert "best_robust is damaged" in fallen_back.stderr and "Traceback" not in fallen_back.stderr
     report = json.load(open(next(workdir / name for name in os.listdir(workdir)
                                  if name.startswith("eval_") and name.endswith(".json"))))

@@ -262,6 +262,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr
     assert "Stopped at step" in stdout and "run the same command to resume" in stdout
+    assert "\r" not in stdout  # not a terminal: no progress bar redraws in the log
     saved = sorted(int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit())
     assert 1 <= len(saved) <= 2 and 2 <= saved[-1] < 500  # the newest two are kept
     assert not (tmp_path / "summary.json").exists()

@@ -67,7 +67,8 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
                n_iter: int = 100, n_queries: int = 5000, n_target_classes: int = 9,
                put: Optional[Callable[[np.ndarray], jax.Array]] = None,
                fetch: Optional[Callable[[jax.Array], np.ndarray]] = None,
-               progress: Optional[Callable[[str, float], None]] = None
+               progress: Optional[Callable[[str, float], None]] = None,
+               on_batch: Optional[Callable[[str, int, int, int, int, int], None]] = None
                ) -> Dict[str, Any]:
     """Run AutoAttack over all of x (NHWC in [0, 1]) with labels y.
 
@@ -78,6 +79,8 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     bring results back; the defaults use one device. For several devices or hosts, put shards
     the batch (`batch_size` a multiple of the device count) and fetch gathers it
     (`fpcm_jax.evaluate` passes `parallel.global_array` and `parallel.fetch`).
+    progress(component, robust accuracy) is called after each component; on_batch(component,
+    stage, stages, points done, points in the stage, robust points now) after each batch.
     Returns clean and per-component robust flags and accuracies, x_adv, times and warnings.
     """
     x = np.asarray(x, np.float32)
@@ -116,7 +119,8 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
             _run_stage, apply, _stage_function(name, eps, n_iter, n_queries))))
         for stage, target_rank in enumerate(stages):
             stage_key = jax.random.fold_in(jax.random.fold_in(key, component), stage)
-            for chosen, padded in batches(np.flatnonzero(robust)):
+            attacked = np.flatnonzero(robust)
+            for chosen, padded in batches(attacked):
                 adv, still, zero = run(params, put(x[padded]), put(y[padded]),
                                        put(padded.astype(np.int32)),
                                        np.asarray(jax.random.key_data(stage_key)),
@@ -126,6 +130,9 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
                 x_adv[fooled] = adv[~still]
                 robust[fooled] = False
                 zero_grad_points += int(zero.sum()) if name == "apgd-t" and stage == 0 else 0
+                if on_batch is not None:
+                    done = int(np.searchsorted(attacked, chosen[-1])) + 1
+                    on_batch(name, stage, len(stages), done, len(attacked), int(robust.sum()))
         result["flags_after"][name] = robust.copy()
         result["accuracy_after"][name] = float(robust.mean()) if count else 0.0
         result["seconds"][name] = time.time() - start_time

@@ -16,6 +16,12 @@ _WRN_NAME = re.compile(r"^wrn-(\d+)-(\d+)$")
 MODEL_NAMES = ("resnet18", "wrn-<depth>-<width> (e.g. wrn-34-10, wrn-28-10, wrn-16-2)")
 
 
+def is_wide_resnet_name(name: str) -> bool:
+    """'wrn-<depth>-<width>' with depth 6n+4."""
+    match = _WRN_NAME.match(name.lower())
+    return bool(match) and (int(match.group(1)) - 4) % 6 == 0
+
+
 def create(name: str, num_classes: int = 10, fpcm: bool = True, **kwargs) -> nn.Module:
     """Build a model by name. `fpcm=False` gives the baseline without FPCM.
 
