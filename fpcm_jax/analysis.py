@@ -201,6 +201,20 @@ def load_checkpoint_model(path: str, config, overrides=None, allow_fallback: boo
     return model, jax.device_get(variables), info
 
 
+def check_settings(settings) -> None:
+    """Clear errors for config.analysis values, before any work."""
+    for name in ("num_examples", "bands", "heatmap_examples", "feature_examples"):
+        if not isinstance(settings[name], int) or settings[name] < 1:
+            raise ValueError(f"--config.analysis.{name}={settings[name]!r} must be an integer "
+                             f">= 1.")
+    if not isinstance(settings.filter_steps, int) or settings.filter_steps < 2:
+        raise ValueError(f"--config.analysis.filter_steps={settings.filter_steps!r} must be an "
+                         f"integer >= 2.")
+    for name in ("noise_l2_norm", "heatmap_l2_norm"):
+        if not settings[name] > 0:
+            raise ValueError(f"--config.analysis.{name}={settings[name]!r} must be positive.")
+
+
 def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
                  labels: Optional[Sequence[str]] = None,
                  model_overrides: Optional[Dict[str, Any]] = None,
@@ -208,6 +222,7 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
     """All analyses for each checkpoint; writes analysis.json and the PNG plots to workdir
     (process 0 only, when several processes run it)."""
     settings = config.analysis
+    check_settings(settings)
     labels = list(labels) if labels else [_label(p) for p in checkpoint_paths]
     if len(labels) != len(checkpoint_paths):
         raise ValueError(f"{len(labels)} labels for {len(checkpoint_paths)} checkpoints.")

@@ -69,6 +69,11 @@ def check_options(description: Dict[str, Any]) -> None:
         if value is not None and (len(value) != 4 or min(value) < 1):
             raise ValueError(f"--config.model.{field}={tuple(value)} must be four positive "
                              f"integers, one per stage.")
+    for field in ("cutoff_start", "cutoff_end"):
+        value = description.get(field)
+        if not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"--config.model.{field}={value!r} must lie in (0, 1]: the cutoff "
+                             f"D0 as a fraction of P (official: 0.5 to 0.125).")
     if description.get("normalization") not in ("none", "cifar10", "dataset"):
         raise ValueError(f"--config.model.normalization={description.get('normalization')!r} "
                          f"is not valid; use one of ('none', 'cifar10', 'dataset').")

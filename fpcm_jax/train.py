@@ -213,7 +213,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 ("train.final_test_attack_steps", config.train.final_test_attack_steps, 0),
                 ("attack.steps", config.attack.steps, 0),
                 ("eval.attack_steps", config.eval.attack_steps, 0),
-                ("data.validation_size", config.data.validation_size, 0)]
+                ("train.warmup_epochs", config.train.warmup_epochs, 0),
+                ("data.validation_size", config.data.validation_size, 0),
+                ("data.crop_padding", config.data.crop_padding, 0)]
     for name, value, least in at_least:
         if not isinstance(value, int) or value < least:
             raise ValueError(f"--config.{name}={value!r} must be an integer >= {least}.")
@@ -224,6 +226,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"[0, 1]; 8/255 is written 0.03137).")
     if not config.train.lr > 0:
         raise ValueError(f"--config.train.lr={config.train.lr!r} must be positive.")
+    for name, value, low, high in [("train.momentum", config.train.momentum, 0, 1),
+                                   ("train.weight_decay", config.train.weight_decay, 0, math.inf),
+                                   ("train.beta", config.train.beta, 0, math.inf)]:
+        if not low <= value < high:
+            raise ValueError(f"--config.{name}={value!r} must lie in [{low}, {high}).")
     experiment.check_options(experiment.describe(config))
     parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
@@ -248,12 +255,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     train_split, val_split, test_split = data.load(
         config.data.name, config.data.data_dir, config.data.validation_size,
         config.data.prepare, config.seed)
-    run = checkpoint.RunDirectory(workdir, experiment.describe(config))
     batch_size = config.train.batch_size
     steps_per_epoch = len(train_split) // batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={batch_size} exceeds the {len(train_split)} "
-                         f"training images.")
+        raise ValueError(f"--config.train.batch_size={batch_size} exceeds the "
+                         f"{len(train_split)} training images.")
+    run = checkpoint.RunDirectory(workdir, experiment.describe(config))
     total_steps = steps_per_epoch * config.train.epochs
 
     mesh = parallel.make_mesh()

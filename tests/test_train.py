@@ -290,6 +290,11 @@ def test_default_xla_flags_respect_the_users_setting(monkeypatch):
     ("train", "batch_size", 6, "multiple of the 4 devices"),
     ("model", "name", "wrn-16-2", "model.widths applies to resnet18 only"),
     ("model", "widths", (16, 32), "four positive integers"),
+    ("model", "name", "vgg16", "is not a model; valid names"),
+    ("model", "cutoff_end", 0.0, "cutoff_end=0.0 must lie in \\(0, 1\\]"),
+    ("train", "momentum", 1.5, "train.momentum=1.5 must lie in"),
+    ("train", "weight_decay", -1e-4, "weight_decay=-0.0001 must lie in"),
+    ("train", "batch_size", 4096, "exceeds the 1400 training images"),
 ])
 def test_invalid_options_stop_before_the_workdir_is_touched(tmp_path, section, name, value,
                                                             message):

@@ -1,0 +1,67 @@
+"""The command line as a new user meets it: help, and every bad input of issue 14's table is
+a one-line error with a non-zero exit that leaves the workdir exactly as it was."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_config
+from fpcm_jax import experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", "configs/tiny.py"]
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def snapshot(directory):
+    return {os.path.relpath(os.path.join(root, name), directory):
+            open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.widths=16,32"], "four positive integers"),
+    (["--config.model.name=wrn-16-2"], "unset it with --config.model.widths=()"),
+    (["--config.attack.eps=-0.03"], "attack.eps=-0.03 must lie in [0, 1]"),
+    (["--config.train.batch_size=0"], "train.batch_size=0 must be positive"),
+    (["--mode", "eval", "--num_examples", "0"], "--num_examples=0 must be positive"),
+    (["--mode", "eval", "--num_examples", "-5"], "--num_examples=-5 must be positive"),
+    (["--mode", "eval", "--eps", "-0.03"], "--eps=-0.03 must lie in [0, 1]"),
+    (["--mode", "eval", "--attack", "pgd0"], "no steps; give N >= 1"),
+    (["--mode", "eval", "--batch_size", "0"], "--batch_size=0 must be positive"),
+    (["--mode", "analyze", "--checkpoints", "runs/none"], "pass --checkpoints PATH"),
+])
+def test_bad_input_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("the user's own file")
+    before = snapshot(workdir)
+    result = run_main(*TINY, "--workdir", str(workdir), *args)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_lists_the_modes_and_flags(flag):
+    result = run_main(flag)
+    assert result.returncode == 0 and result.stderr == ""
+    for text in ("--mode: <train|eval|analyze|info>", "--attack", "allow_fallback",
+                 "--workdir", "python main.py --config configs/cifar10_resnet18.py"):
+        assert text in result.stdout
+    assert ("checkpoint_every_steps: 500" in result.stdout) == (flag == "--helpfull")
+
+
+def test_a_wide_resnet_on_a_resnet_config_once_its_widths_are_unset():
+    config = tiny_config(model__name="wrn-16-2", model__widths=(), model__stage_sizes=())
+    description = experiment.describe(config)
+    assert description["widths"] is None and description["stage_sizes"] is None
+    model, _ = experiment.build(config)
+    assert model.__class__.__name__ == "WideResNet"
