@@ -39,6 +39,7 @@ def alpha_distribution(results):
         axis.set_xticks(range(1, len(stages) + 1), stages)
         axis.set_ylim(0.5, 1.0)
         axis.set_title(f"{label}: FPCM alpha (low-pass weight)")
+        axis.set_xlabel("FPCM module (network stage)")
         axis.set_ylabel("alpha over samples x channels")
     return figure, "alpha_distribution.png"
 
@@ -75,11 +76,14 @@ def fourier_heat_maps(results):
     figure, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.4), squeeze=False)
     for axis, (label, result) in zip(axes[0], models.items()):
         heat = np.asarray(result["fourier_heat_map"])
-        image = axis.imshow(heat, vmin=0.0, vmax=1.0, cmap="viridis")
+        rows, columns = heat.shape  # fftshifted: index i is frequency i - size // 2
+        extent = (-columns // 2 - 0.5, columns - columns // 2 - 0.5,
+                  rows - rows // 2 - 0.5, -rows // 2 - 0.5)
+        image = axis.imshow(heat, vmin=0.0, vmax=1.0, cmap="viridis", extent=extent)
         axis.set_title(f"{label}: error rate")
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.colorbar(image, ax=list(axes[0]))
+        axis.set_xlabel("horizontal frequency (cycles/image)")
+        axis.set_ylabel("vertical frequency (cycles/image)")
+    figure.colorbar(image, ax=list(axes[0]), label="error rate")
     figure.suptitle(f"Fourier heat map, L2 norm {results['settings']['heatmap_l2_norm']} "
                     f"(centre = lowest frequency)", y=1.02)
     return figure, "fourier_heat_map.png"
@@ -93,9 +97,17 @@ def feature_spectrum(results):
             for kind in ("before", "after"):
                 if kind in shares:
                     bars.append((f"{label}\n{stage} {kind}", shares[kind]))
-    axis.bar(range(len(bars)), [value for _, value in bars],
-             color=["tab:blue" if "before" in name else "tab:orange" for name, _ in bars])
+    colours = {"before": "tab:blue", "after": "tab:orange"}
+    for kind, colour in colours.items():
+        chosen = [(index, value) for index, (name, value) in enumerate(bars)
+                  if name.endswith(kind)]
+        if chosen:
+            axis.bar([i for i, _ in chosen], [v for _, v in chosen], color=colour,
+                     label=f"{kind} FPCM")
     axis.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=90, fontsize=7)
+    axis.set_xlabel("model and stage output")
     axis.set_ylabel("high-frequency energy share")
-    axis.set_title("Stage outputs before (blue) and after (orange) FPCM")
+    axis.set_title("Stage outputs before and after FPCM")
+    if bars:
+        axis.legend()
     return figure, "feature_spectrum.png"

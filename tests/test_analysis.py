@@ -101,3 +101,31 @@ def test_analyze_end_to_end_writes_json_and_figures(tmp_path):
     for name in ("alpha_distribution", "band_noise", "filtered_accuracy", "fourier_heat_map",
                  "feature_spectrum"):
         assert os.path.getsize(tmp_path / "out" / f"{name}.png") > 1000
+
+
+def test_every_plot_axis_is_labelled_and_colours_have_legends():
+    from fpcm_jax import plots
+
+    rng = np.random.default_rng(0)
+    model = {"_alpha_samples": {"attn1": rng.uniform(0.5, 1, (4, 8)),
+                                "attn2": rng.uniform(0.5, 1, (4, 8))},
+             "band_noise_accuracy": [0.9, 0.8, 0.5],
+             "filtered_accuracy": {"lowpass": [0.2, 0.6, 0.9], "highpass": [0.9, 0.4, 0.1]},
+             "fourier_heat_map": rng.uniform(0, 1, (8, 8)).tolist(),
+             "feature_high_frequency_share": {"stage1": {"before": 0.3, "after": 0.2}}}
+    results = {"models": {"a": model, "b": model}, "filter_radii": [0.1, 0.3, 0.7],
+               "settings": {"bands": 3, "noise_l2_norm": 4.0, "heatmap_l2_norm": 4.0}}
+    for writer in (plots.alpha_distribution, plots.band_noise, plots.filtered_accuracy,
+                   plots.fourier_heat_maps, plots.feature_spectrum):
+        figure, name = writer(results)
+        for axis in figure.axes:
+            if axis.get_label() == "<colorbar>":
+                assert axis.get_ylabel(), name
+                continue
+            assert axis.get_xlabel(), name
+            shares_y = [other for other in axis.get_shared_y_axes().get_siblings(axis)
+                        if other.get_ylabel()]
+            assert axis.get_ylabel() or shares_y, name
+        if name in ("band_noise.png", "filtered_accuracy.png", "feature_spectrum.png"):
+            assert any(axis.get_legend() for axis in figure.axes), name
+        plots.plt.close(figure)
