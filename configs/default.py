@@ -33,7 +33,10 @@ def get_config():
     config.data = ml_collections.ConfigDict()
     config.data.name = "cifar10"            # cifar10 | cifar100 | svhn | imagenette | digits
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir
-    config.data.prepare = False             # let tfds download/prepare (needs tensorflow-cpu)
+    config.data.download = True             # download the official archive if not prepared
+    config.data.source_url = ""             # a mirror's base URL (default: the official one)
+    config.data.source_sha256 = ""          # 'file:sha256,...' of non-official files
+    config.data.prepare = False             # prepare through tfds instead (needs tensorflow-cpu)
     config.data.validation_size = 1000      # held out of the training split for model selection
     config.data.flip = True                 # random horizontal flip (not for SVHN)
     config.data.crop_padding = 4            # random crop with zero padding
@@ -71,6 +74,11 @@ def get_config():
     config.analysis.heatmap_examples = 100  # images per Fourier heat-map cell
     config.analysis.heatmap_l2_norm = 4.0   # L2 norm of the Fourier basis perturbation
     config.analysis.feature_examples = 64   # images for the feature spectra
+
+    config.logging = ml_collections.ConfigDict()  # besides metrics.jsonl
+    config.logging.tensorboard = True       # TensorBoard events in <workdir>/tensorboard/
+    config.logging.alpha_examples = 256     # validation images for the alpha histograms
+    config.logging.curves = True            # curves.png at the end of training
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256

@@ -34,6 +34,13 @@ from fpcm_jax import checkpoint, data, parallel
 MAX_RADIUS = float(np.sqrt(0.5))  # the corner of the spectrum, in cycles per pixel
 
 
+def alphas_in(state: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Each FPCM module's alpha, (batch, channels), from a model's mutable 'intermediates'."""
+    return {path[0]: np.asarray(value[0]) for path, value in
+            traverse_util.flatten_dict(state.get("intermediates", {})).items()
+            if path[-1] == "alpha"}
+
+
 def radius_grid(height: int, width: int) -> np.ndarray:
     """Radial frequency (cycles per pixel) of every fft2 coefficient, shape (H, W)."""
     fy = np.fft.fftfreq(height)[:, None]
@@ -123,9 +130,8 @@ class Analyzer:
         collected: Dict[str, List[np.ndarray]] = {}
         for start in range(0, len(x), self.batch_size):
             state = apply(self.variables, jnp.asarray(x[start:start + self.batch_size]))
-            for path, value in traverse_util.flatten_dict(state.get("intermediates", {})).items():
-                if path[-1] == "alpha":
-                    collected.setdefault(path[0], []).append(np.asarray(value[0]))
+            for stage, alpha in alphas_in(state).items():
+                collected.setdefault(stage, []).append(alpha)
         return {stage: np.concatenate(parts) for stage, parts in sorted(collected.items())}
 
     def stage_features(self, x: np.ndarray) -> Dict[str, Dict[str, float]]:
@@ -228,8 +234,7 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
         raise ValueError(f"{len(labels)} labels for {len(checkpoint_paths)} checkpoints.")
     for path in checkpoint_paths:  # every one exists, before any work
         checkpoint.model_checkpoints(path, flag="--checkpoints")
-    _, _, test_split = data.load(config.data.name, config.data.data_dir,
-                                 config.data.validation_size, config.data.prepare, config.seed)
+    _, _, test_split = data.load_for(config)
     count = min(settings.num_examples, len(test_split))
     x = np.asarray(data.to_float(test_split.images[:count]))
     y = test_split.labels[:count]

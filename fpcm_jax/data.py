@@ -1,9 +1,12 @@
 """Datasets as in-memory uint8 arrays, and on-device augmentation.
 
-Each split is read once (tensorflow-datasets ArrayRecord data through `tfds.data_source`, which
-needs no TensorFlow) into NHWC uint8 numpy arrays; training keeps them on the accelerators and
-gathers batches by index inside the jitted step. Nothing is downloaded unless
-`config.data.prepare=True`: a dataset that is not prepared stops at once with instructions.
+Each split is read once into NHWC uint8 numpy arrays; training keeps them on the accelerators
+and gathers batches by index inside the jitted step. Where the splits come from, first found:
+the splits prepared by `fpcm_jax.archives` (`<data dir>/fpcm_jax/<name>/`), tensorflow-datasets
+ArrayRecord data (read through `tfds.data_source`, which needs no TensorFlow), or else the
+official archive, downloaded (unless `data.download=False`), verified and prepared by
+`fpcm_jax.archives`, without TensorFlow. `data.prepare=True` prepares through
+tensorflow-datasets instead (needs TensorFlow).
 
 `digits` is scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package),
 upscaled to 32x32x3: small real data for the tiny config and the tests, no download needed.
@@ -68,15 +71,23 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
+def load_for(config) -> Tuple[Split, Split, Split]:
+    """(train, validation, test) splits of an experiment config's dataset."""
+    settings = config.data
+    return load(settings.name, settings.data_dir, settings.validation_size, settings.prepare,
+                config.seed, settings.download, settings.source_url, settings.source_sha256)
+
+
 def load(name: str, data_dir: Optional[str] = None, validation_size: int = 0,
-         prepare: bool = False, seed: int = 0) -> Tuple[Split, Split, Split]:
+         prepare: bool = False, seed: int = 0, download: bool = True, source_url: str = "",
+         source_sha256: str = "") -> Tuple[Split, Split, Split]:
     """(train, validation, test) splits; validation is held out of the training split."""
     spec = get_spec(name)
     if spec.tfds_name is None:
         full_train, test = _load_digits(spec.image_size)
     else:
-        full_train = _load_tfds(spec, spec.train_split, data_dir, prepare)
-        test = _load_tfds(spec, spec.test_split, data_dir, prepare)
+        full_train, test = _load_official(name, spec, data_dir, prepare, download, source_url,
+                                          source_sha256)
     if not 0 <= validation_size < len(full_train):
         raise DatasetError(f"validation_size={validation_size} must lie in [0, "
                            f"{len(full_train)}) for {name}.")
@@ -101,17 +112,27 @@ def _load_digits(image_size: int) -> Tuple[Split, Split]:
     return Split(images[train_ids], labels[train_ids]), Split(images[test_ids], labels[test_ids])
 
 
-def _not_prepared_message(spec: DatasetSpec, data_dir: str, manual_dir: str) -> str:
-    return (
-        f"Dataset {spec.tfds_name} is not prepared in {data_dir}. fpcm-jax reads prepared "
-        f"tensorflow-datasets data and does not download unless asked. Either point "
-        f"--config.data.data_dir at a directory where it is prepared (ArrayRecord format: "
-        f"`tfds build {spec.tfds_name} --file_format=array_record --data_dir DIR`), or put "
-        f"{spec.archive} into {manual_dir} (offline) or allow downloading, and run again with "
-        f"--config.data.prepare=True (preparing needs `pip install tensorflow-cpu`).")
+def _load_official(name: str, spec: DatasetSpec, data_dir: Optional[str], prepare: bool,
+                   download: bool, source_url: str, source_sha256: str) -> Tuple[Split, Split]:
+    from fpcm_jax import archives
+
+    if not archives.is_prepared(name, data_dir):
+        tfds_splits = [_load_tfds(spec, split, data_dir, prepare)
+                       for split in (spec.train_split, spec.test_split)]
+        if None not in tfds_splits:
+            return tfds_splits[0], tfds_splits[1]
+        try:
+            archives.prepare(name, data_dir, download, source_url, source_sha256,
+                             spec.image_size)
+        except archives.ArchiveError as error:
+            raise DatasetError(str(error)) from None
+    splits = archives.load_prepared(name, data_dir)
+    return Split(*splits["train"]), Split(*splits["test"])
 
 
-def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str], prepare: bool) -> Split:
+def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str],
+               prepare: bool) -> Optional[Split]:
+    """A split of tensorflow-datasets ArrayRecord data; None when it is not prepared."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
@@ -119,27 +140,28 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str], prepare: 
     manual_dir = os.path.join(data_dir, "downloads", "manual")
     if prepare and not builder.is_prepared():
         if importlib.util.find_spec("tensorflow") is None:
-            raise DatasetError(f"Preparing {spec.tfds_name} needs TensorFlow: "
-                               f"`pip install tensorflow-cpu`, then run again.")
+            raise DatasetError(f"Preparing {spec.tfds_name} through tensorflow-datasets "
+                               f"(--config.data.prepare=True) needs TensorFlow: `pip install "
+                               f"tensorflow-cpu`; or leave it False to prepare without it.")
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(file_format="array_record", download_config=download_config)
     try:
         source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as error:  # never prepared, or prepared as TFRecord (no random access)
         if not builder.is_prepared():
-            raise DatasetError(_not_prepared_message(spec, data_dir, manual_dir)) from None
+            return None
         raise DatasetError(f"Cannot read {spec.tfds_name} [{split}] from {data_dir}: {error}. "
                            f"fpcm-jax needs the ArrayRecord format: `tfds build "
                            f"{spec.tfds_name} --file_format=array_record`.") from error
     images, labels = [], []
     for index in range(len(source)):
         example = source[index]
-        images.append(_fit_image(np.asarray(example["image"]), spec.image_size))
+        images.append(fit_image(np.asarray(example["image"]), spec.image_size))
         labels.append(int(example["label"]))
     return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
 
 
-def _fit_image(image: np.ndarray, size: int) -> np.ndarray:
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:
     """Resize the shorter side to `size` and center-crop (Imagenette); CIFAR passes through."""
     if image.shape[:2] == (size, size):
         return image

@@ -147,9 +147,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         raise ValueError(f"The checkpoint {path} classifies {info['num_classes']} classes, "
                          f"{config.data.name} has {spec.num_classes}: evaluate it with the "
                          f"config of its dataset ({info.get('dataset') or 'see its model.json'}).")
-    train_split, val_split, test_split = data.load(
-        config.data.name, config.data.data_dir, config.data.validation_size,
-        config.data.prepare, config.seed)
+    train_split, val_split, test_split = data.load_for(config)
     chosen = {"test": test_split, "validation": val_split, "train": train_split}[split]
     count = len(chosen) if num_examples is None else min(num_examples, len(chosen))
     subset = data.Split(chosen.images[:count], chosen.labels[:count])

@@ -111,3 +111,40 @@ def feature_spectrum(results):
     if bars:
         axis.legend()
     return figure, "feature_spectrum.png"
+
+
+def training_curves(metrics_path: str, out_path: str) -> str:
+    """curves.png from a run's metrics.jsonl: per epoch, the mean training loss, training
+    clean and adversarial accuracy, validation clean and robust accuracy, and learning rate."""
+    import json
+    import math
+
+    steps, validation = {}, {}
+    with open(metrics_path) as handle:
+        for record in map(json.loads, handle):
+            if "loss" in record:
+                steps.setdefault(max(1, math.ceil(record["epoch"] - 1e-9)), []).append(record)
+            elif "val_clean_acc" in record:
+                validation[record["epoch"]] = record
+    epochs = sorted(steps)
+    mean = lambda key: [np.mean([r[key] for r in steps[e]]) for e in epochs]
+    figure, (loss_axis, accuracy_axis, lr_axis) = plt.subplots(1, 3, figsize=(14, 3.6))
+    loss_axis.plot(epochs, mean("loss"), marker=".")
+    loss_axis.set_ylabel("training loss (mean over the epoch)")
+    accuracy_axis.plot(epochs, mean("clean_acc"), marker=".", label="train, clean")
+    accuracy_axis.plot(epochs, mean("adv_acc"), marker=".", label="train, adversarial")
+    if validation:
+        done = sorted(validation)
+        accuracy_axis.plot(done, [validation[e]["val_clean_acc"] for e in done], marker="o",
+                           label="validation, clean")
+        accuracy_axis.plot(done, [validation[e]["val_robust_acc"] for e in done], marker="o",
+                           label="validation, PGD")
+    accuracy_axis.set_ylabel("accuracy")
+    accuracy_axis.legend()
+    lr_axis.plot(epochs, mean("lr"), marker=".")
+    lr_axis.set_ylabel("learning rate")
+    for axis in (loss_axis, accuracy_axis, lr_axis):
+        axis.set_xlabel("epoch")
+    figure.savefig(out_path, dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return out_path

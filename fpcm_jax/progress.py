@@ -9,6 +9,7 @@ work instead (`interactive()` says which). Lines printed while a bar is shown go
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -17,10 +18,12 @@ def interactive() -> bool:
     return sys.stdout.isatty()
 
 
-def bar(total: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
-    """A progress bar on stdout, silent unless enabled and stdout is a terminal."""
+def bar(total: Optional[int], desc: str, enabled: bool = True, initial: int = 0,
+        **options) -> tqdm:
+    """A progress bar on stdout, silent unless enabled and stdout is a terminal (options go to
+    tqdm, e.g. unit="B")."""
     return tqdm(total=total, desc=desc, initial=initial, disable=not (enabled and interactive()),
-                dynamic_ncols=True, file=sys.stdout)
+                dynamic_ncols=True, file=sys.stdout, **options)
 
 
 def say(message: str) -> None:

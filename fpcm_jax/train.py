@@ -14,6 +14,7 @@ computed from the traced step counter, so nothing recompiles during training.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from typing import Any, Callable, Dict, Tuple
@@ -26,8 +27,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from fpcm_jax import (checkpoint, data, evaluate, experiment, layers, losses, models, parallel,
-                      progress)
+from fpcm_jax import (analysis, checkpoint, data, evaluate, experiment, layers, losses, models,
+                      parallel, plots, progress)
+from fpcm_jax.board import Board
 from fpcm_jax.attacks.pgd import pgd_iterate, uniform_start
 
 BN_MODES = ("train", "batch_stats_frozen", "eval")
@@ -252,9 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     validate_config(config)
     main = parallel.is_main_process()
     model, spec = experiment.build(config)
-    train_split, val_split, test_split = data.load(
-        config.data.name, config.data.data_dir, config.data.validation_size,
-        config.data.prepare, config.seed)
+    train_split, val_split, test_split = data.load_for(config)
     batch_size = config.train.batch_size
     steps_per_epoch = len(train_split) // batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
@@ -272,6 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state, best = run.restore_latest(state)
     start_step = int(state.step)
     run.start_metrics(start_step)
+    board = Board(run.workdir, config.logging.tensorboard, start_step)
+    alpha_probe = _alpha_probe(model, val_split if len(val_split) else train_split,
+                               config.logging.alpha_examples, repl)
 
     images = parallel.global_array(train_split.images, repl)
     labels = parallel.global_array(train_split.labels, repl)
@@ -303,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 f"without saving. The last good checkpoint in {run.checkpoint_dir} is kept. "
                 f"Lower --config.train.lr or check the data.")
         run.log_metrics({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, **metrics})
+        board.scalars("train", step + 1, metrics)
         return metrics
 
     try:
@@ -328,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     rate = epoch_images / max(time.time() - epoch_start, 1e-9)
                     bar.set_postfix(loss=f"{shown['loss']:.4f}", clean=f"{shown['clean_acc']:.3f}",
                                     adv=f"{shown['adv_acc']:.3f}", img_s=f"{rate:.1f}")
+                    board.scalars("train", step, {"images_per_second": rate})
                 bar.update(1)
                 end_of_epoch = step % steps_per_epoch == 0
                 every = config.train.checkpoint_every_steps  # 0: at epoch ends only
@@ -343,7 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                      f"{shown['adv_acc']:.3f} (last batch), {rate:.1f} img/s")
                     if end_of_epoch:
                         best = _end_of_epoch(config, run, state, best, eval_step, val_split,
-                                             eval_key, mesh, step // steps_per_epoch, main)
+                                             eval_key, mesh, step // steps_per_epoch, main,
+                                             board, alpha_probe)
                     run.save_latest(state, best)
                 if interrupted:
                     bar.close()
@@ -354,12 +360,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     return {"stopped_at_step": step, "reason": reason}
             bar.close()
         settle(pending)
+        return _final_summary(config, run, model, state, test_split, eval_key, mesh, main,
+                              board)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    return _final_summary(config, run, model, state, test_split, eval_key, mesh, main)
+        board.close()
 
 
-def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh, epoch, main):
+def _alpha_probe(model, split: data.Split, count: int, sharding) -> Callable:
+    """variables -> each FPCM module's alpha on the first `count` images of a split ({} for
+    a model without FPCM), for TensorBoard's histograms."""
+    images = parallel.global_array(split.images[:count], sharding)
+    apply = jax.jit(lambda variables, batch: model.apply(
+        variables, data.to_float(batch), train=False, progress=1.0,
+        mutable=["intermediates"])[1])
+    return lambda variables: analysis.alphas_in(
+        jax.tree.map(parallel.fetch, apply(variables, images)))
+
+
+def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh, epoch, main,
+                  board, alpha_probe):
     """Validation accuracy (clean and PGD, eval mode, final cutoff) and best-model tracking."""
     every = config.train.eval_every_epochs
     last = epoch == config.train.epochs
@@ -371,6 +391,10 @@ def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh
     record = {"step": int(state.step), "epoch": epoch, "val_clean_acc": result["clean_acc"],
               "val_robust_acc": result["robust_acc"]}
     run.log_metrics(record)
+    board.scalars("validation", record["step"], {"clean_acc": result["clean_acc"],
+                                                 "robust_acc": result["robust_acc"]})
+    if config.logging.tensorboard:
+        board.histograms("alpha", record["step"], alpha_probe(state.variables()))
     if main:
         progress.say(f"epoch {epoch}: validation clean {result['clean_acc']:.4f}, "
                      f"PGD-{config.eval.attack_steps} {result['robust_acc']:.4f} "
@@ -386,7 +410,7 @@ def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh
     return best
 
 
-def _final_summary(config, run, model, state, test_split, eval_key, mesh, main):
+def _final_summary(config, run, model, state, test_split, eval_key, mesh, main, board):
     steps = config.train.final_test_attack_steps
     eval_step = evaluate.pgd_eval_step(model, mesh, steps, config.attack.eps,
                                        config.attack.step_size)
@@ -397,6 +421,11 @@ def _final_summary(config, run, model, state, test_split, eval_key, mesh, main):
                "test_clean_acc": result["clean_acc"],
                f"test_pgd{steps}_acc": result["robust_acc"], "checkpoints": run.listing()}
     run.write_summary(summary)
+    board.scalars("test", summary["final_step"], {"clean_acc": result["clean_acc"],
+                                                  f"pgd{steps}_acc": result["robust_acc"]})
+    if config.logging.curves and main:
+        summary["curves"] = plots.training_curves(run.metrics_path,
+                                                  os.path.join(run.workdir, "curves.png"))
     if main:
         progress.say(f"Final model on the test split ({result['examples']} images): clean "
                      f"{result['clean_acc']:.4f}, PGD-{steps} {result['robust_acc']:.4f}. "

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import needs_four_devices, read_train_state, tiny_config
+from conftest import needs_four_devices, read_train_state, tiny_config, train_tiny_run
 from fpcm_jax import data, experiment, losses, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,18 +166,6 @@ def test_augmentation_keeps_labels_and_range():
         assert min(np.abs(c - out[i]).max() for c in candidates) < 1e-6
 
 
-def test_offline_dataset_error_is_immediate_and_says_what_to_do(tmp_path, monkeypatch):
-    def no_download(*args, **kwargs):
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(tfds.download.DownloadManager, "download", no_download)
-    with pytest.raises(data.DatasetError) as error:
-        data.load("cifar10", str(tmp_path))
-    message = str(error.value)
-    assert "not prepared" in message and "data_dir" in message
-    assert os.path.join(str(tmp_path), "downloads", "manual") in message
-
-
 def test_tfds_read_path_with_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=30):
         train_split, val_split, test_split = data.load("cifar100", str(tmp_path),
@@ -302,3 +290,45 @@ def test_invalid_options_stop_before_the_workdir_is_touched(tmp_path, section, n
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def read_events(directory):
+    """(scalars {tag: [(step, value)]}, histogram tags) from tensorboardX event files."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars, histograms = {}, set()
+    for name in sorted(os.listdir(directory)):
+        content = open(os.path.join(directory, name), "rb").read()
+        offset = 0
+        while offset < len(content):
+            (length,) = struct.unpack("<Q", content[offset:offset + 8])
+            event = event_pb2.Event.FromString(content[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("histo"):
+                    histograms.add(value.tag)
+                else:
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars, histograms
+
+
+def test_tensorboard_events_and_curves_hold_the_logged_values(tmp_path):
+    train_tiny_run(tmp_path)
+    scalars, histograms = read_events(tmp_path / "tensorboard")
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [line for line in lines if "loss" in line]
+    for name in ("loss", "clean_acc", "adv_acc", "lr", "cutoff_progress"):
+        logged = scalars[f"train/{name}"]
+        assert [step for step, _ in logged] == [line["step"] for line in steps]
+        np.testing.assert_allclose([value for _, value in logged],
+                                   [line[name] for line in steps], rtol=1e-6)
+    [validation] = [line for line in lines if "val_clean_acc" in line]
+    assert scalars["validation/robust_acc"] == [(validation["step"],
+                                                 pytest.approx(validation["val_robust_acc"]))]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert scalars["test/clean_acc"][0][1] == pytest.approx(summary["test_clean_acc"])
+    assert "train/images_per_second" in scalars
+    assert histograms == {f"alpha/attn{i}" for i in range(1, 5)}
+    assert os.path.getsize(tmp_path / "curves.png") > 1000

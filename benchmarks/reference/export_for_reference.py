@@ -41,8 +41,7 @@ def main():
         config[section][key] = ast.literal_eval(value)
     parallel.setup()
     model, variables, info, _ = checkpoint.load_model(args.checkpoint)  # its model.json
-    splits = data.load(config.data.name, config.data.data_dir, config.data.validation_size,
-                       config.data.prepare, config.seed)
+    splits = data.load_for(config)
     chosen = dict(zip(["train", "validation", "test"], splits))[args.split]
     x = data.to_float(chosen.images[:args.num_examples])
     logits = model.apply(variables, x, train=False, progress=1.0)

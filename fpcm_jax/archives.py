@@ -1,0 +1,260 @@
+"""The datasets' official archives: download once (progress bar, SHA-256 verified), read them
+without TensorFlow, and keep the splits prepared as uint8 `.npz` files.
+
+    <data dir>/downloads/<archive>                    verified archives (or placed there by hand)
+    <data dir>/fpcm_jax/<dataset>/{train,test}.npz    prepared splits: images (N,H,W,3) uint8,
+                                                      labels (N,) int32
+
+<data dir> is `config.data.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (the
+tensorflow-datasets default). A download goes to `<archive>.part` and takes its name only once
+its length and SHA-256 are right; a prepared split is written to a temporary name and renamed
+when whole. So an interrupted or corrupted download leaves nothing that a later run takes for
+prepared data. The readers follow the official formats (and tensorflow-datasets' label order):
+CIFAR-10/100 binary records, SVHN's MATLAB files, Imagenette's JPEG folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from fpcm_jax import progress
+
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+    name: str
+    size: int
+    sha256: str
+
+
+# From tensorflow-datasets' url_checksums (the same files the tfds builders download).
+OFFICIAL = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/",
+                [Archive("cifar-10-binary.tar.gz", 170052171,
+                         "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd")]),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/",
+                 [Archive("cifar-100-binary.tar.gz", 168513733,
+                          "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec")]),
+    "svhn": ("http://ufldl.stanford.edu/housenumbers/",
+             [Archive("train_32x32.mat", 182040794,
+                      "435e94d69a87fde4fd4d7f3dd208dfc32cb6ae8af2240d066de1df7508d083b8"),
+              Archive("test_32x32.mat", 64275384,
+                      "cdce80dfb2a2c4c6160906d0bd7c68ec5a99d7ca4831afa54f09182025b6a75b")]),
+    "imagenette": ("https://s3.amazonaws.com/fast-ai-imageclas/",
+                   [Archive("imagenette2-160.tgz", 99003388,
+                            "64d0c4859f35a461889e0147755a999a48b49bf38a7e0f9bd27003f10db02fe5")]),
+}
+CONNECT_TIMEOUT_SECONDS = 15  # offline, a download fails within this
+
+
+class ArchiveError(RuntimeError):
+    """A dataset archive cannot be downloaded or read; the message says what to do."""
+
+
+def data_root(data_dir: Optional[str]) -> str:
+    return os.path.abspath(os.path.expanduser(
+        data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"))
+
+
+def prepared_paths(name: str, data_dir: Optional[str]) -> Dict[str, str]:
+    folder = os.path.join(data_root(data_dir), "fpcm_jax", name)
+    return {split: os.path.join(folder, f"{split}.npz") for split in ("train", "test")}
+
+
+def is_prepared(name: str, data_dir: Optional[str]) -> bool:
+    return all(os.path.exists(path) for path in prepared_paths(name, data_dir).values())
+
+
+def load_prepared(name: str, data_dir: Optional[str]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    splits = {}
+    for split, path in prepared_paths(name, data_dir).items():
+        with np.load(path) as stored:
+            splits[split] = (stored["images"], stored["labels"])
+    return splits
+
+
+def prepare(name: str, data_dir: Optional[str], download: bool = True, source_url: str = "",
+            source_sha256: str = "", image_size: int = 32) -> None:
+    """Download (unless the archives are there already) and prepare a dataset's splits."""
+    base_url, archives = OFFICIAL[name]
+    archives = _with_checksums(archives, source_url, source_sha256)
+    downloads = os.path.join(data_root(data_dir), "downloads")
+    paths = [_fetch(archive, (source_url or base_url), downloads, download, name)
+             for archive in archives]
+    splits = READERS[name](paths, image_size)
+    for split, path in prepared_paths(name, data_dir).items():
+        images, labels = splits[split]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = path[:-len(".npz")] + ".partial.npz"
+        np.savez(partial, images=images.astype(np.uint8), labels=labels.astype(np.int32))
+        os.replace(partial, path)
+    print(f"Prepared {name} in {os.path.dirname(prepared_paths(name, data_dir)['train'])} "
+          f"({len(splits['train'][1])} training, {len(splits['test'][1])} test images).")
+
+
+def _with_checksums(archives: List[Archive], source_url: str,
+                    source_sha256: str) -> List[Archive]:
+    """The official checksums, or those given as 'file:sha256,...' (or one sha256 when the
+    dataset has one archive) for files that differ from the official ones."""
+    if not source_sha256:
+        return archives
+    names = [archive.name for archive in archives]
+    given = {}
+    for item in source_sha256.split(","):
+        file_name, _, digest = item.strip().rpartition(":")
+        if not file_name and len(archives) == 1:
+            file_name = names[0]
+        if file_name not in names:
+            raise ArchiveError(f"--config.data.source_sha256: {item.strip()!r} names no archive "
+                               f"of this dataset; give 'file:sha256' for {', '.join(names)}.")
+        given[file_name] = digest.lower()
+    return [Archive(a.name, 0, given[a.name]) if a.name in given else a for a in archives]
+
+
+def _fetch(archive: Archive, base_url: str, downloads: str, download: bool,
+           dataset: str) -> str:
+    """The verified archive's path: already downloaded (or placed by hand in downloads/ or
+    downloads/manual/), else downloaded now."""
+    for folder in (downloads, os.path.join(downloads, "manual")):
+        path = os.path.join(folder, archive.name)
+        if os.path.exists(path):
+            _verify(path, archive, placed=True)
+            return path
+    target = os.path.join(downloads, archive.name)
+    url = base_url.rstrip("/") + "/" + archive.name
+    if not download:
+        raise ArchiveError(f"Dataset {dataset} is not prepared and --config.data.download is "
+                           f"False: place {archive.name} (from {url}) in {downloads}/, or allow "
+                           f"the download.")
+    os.makedirs(downloads, exist_ok=True)
+    partial = target + ".part"
+    try:
+        _download(url, partial, archive)
+        _verify(partial, archive, placed=False)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    os.replace(partial, target)
+    return target
+
+
+def _download(url: str, path: str, archive: Archive) -> None:
+    try:
+        response = urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_SECONDS)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ArchiveError(f"Cannot download {url} ({reason}). Offline? Place {archive.name} in "
+                           f"{os.path.dirname(path)}/ and run again.") from None
+    expected = int(response.headers.get("Content-Length") or archive.size or 0)
+    received = 0
+    with response, open(path, "wb") as handle:
+        bar = progress.bar(expected or None, f"downloading {archive.name}", unit="B",
+                           unit_scale=True)
+        try:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                handle.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        except (OSError, urllib.error.URLError, ValueError) as error:
+            raise ArchiveError(f"The download of {url} broke off after {received:,} bytes "
+                               f"({error}); nothing was kept. Run again.") from None
+        finally:
+            bar.close()
+    if expected and received != expected:
+        raise ArchiveError(f"The download of {url} is truncated ({received:,} of {expected:,} "
+                           f"bytes); nothing was kept. Run again.")
+
+
+def _verify(path: str, archive: Archive, placed: bool) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != archive.sha256:
+        what = (f"{path} (placed there) has SHA-256 {digest.hexdigest()}, not the official "
+                f"{archive.sha256}: delete or replace it" if placed else
+                f"The downloaded {archive.name} has SHA-256 {digest.hexdigest()}, not "
+                f"{archive.sha256}; nothing was kept. Run again, or check "
+                f"--config.data.source_url / source_sha256")
+        raise ArchiveError(what + ".")
+
+
+def _cifar(paths: List[str], image_size: int, label_bytes: int, folder: str,
+           train_files: List[str], test_files: List[str]):
+    record = label_bytes + 3072
+    with tarfile.open(paths[0]) as archive:
+        def read(files):
+            raw = b"".join(archive.extractfile(f"{folder}/{name}").read() for name in files)
+            if len(raw) % record:
+                raise ArchiveError(f"{paths[0]}: {files} is not in the CIFAR binary format.")
+            rows = np.frombuffer(raw, np.uint8).reshape(-1, record)
+            images = rows[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            return np.ascontiguousarray(images), rows[:, label_bytes - 1].astype(np.int32)
+
+        try:
+            return {"train": read(train_files), "test": read(test_files)}
+        except KeyError as error:
+            raise ArchiveError(f"{paths[0]} lacks {error}: not the official archive.") from None
+
+
+def _read_cifar10(paths, image_size):
+    return _cifar(paths, image_size, 1, "cifar-10-batches-bin",
+                  [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"])
+
+
+def _read_cifar100(paths, image_size):  # records: coarse label, fine label (the label), image
+    return _cifar(paths, image_size, 2, "cifar-100-binary", ["train.bin"], ["test.bin"])
+
+
+def _read_svhn(paths, image_size):
+    from scipy.io import loadmat  # scipy comes with scikit-learn
+
+    splits = {}
+    for split, path in zip(("train", "test"), paths):
+        content = loadmat(path)
+        images = np.ascontiguousarray(content["X"].transpose(3, 0, 1, 2))  # (32,32,3,N) -> NHWC
+        labels = content["y"].reshape(-1).astype(np.int32) % 10  # the digit 0 is stored as 10
+        splits[split] = (images, labels)
+    return splits
+
+
+def _read_imagenette(paths, image_size):
+    from PIL import Image
+
+    from fpcm_jax.data import fit_image
+
+    splits = {"train": ([], []), "test": ([], [])}
+    with tarfile.open(paths[0]) as archive:
+        members = sorted((m for m in archive.getmembers() if m.name.endswith(".JPEG")),
+                         key=lambda m: m.name)
+        classes = sorted({m.name.split("/")[-2] for m in members})
+        for member in members:
+            _, split_dir, wnid, _ = member.name.split("/")[-4:]
+            images, labels = splits["train" if split_dir == "train" else "test"]
+            image = Image.open(io.BytesIO(archive.extractfile(member).read())).convert("RGB")
+            images.append(fit_image(np.asarray(image), image_size))
+            labels.append(classes.index(wnid))
+    return {split: (np.stack(images), np.asarray(labels, np.int32))
+            for split, (images, labels) in splits.items()}
+
+
+READERS = {"cifar10": _read_cifar10, "cifar100": _read_cifar100, "svhn": _read_svhn,
+           "imagenette": _read_imagenette}
+
+
+if __name__ == "__main__":  # python -m fpcm_jax.archives cifar10 [DATA_DIR]: prepare ahead
+    prepare(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
