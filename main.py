@@ -5,6 +5,7 @@
     python main.py --config configs/cifar10_resnet18.py --mode eval --attack autoattack
         --checkpoint runs/official_r18 --workdir runs/official_r18    # (one command)
     python main.py --config configs/tiny.py --mode analyze --checkpoints runs/a,runs/b --workdir runs/an
+    python main.py --config configs/cifar10_resnet18.py --mode export --checkpoint runs/r18 --out r18.pt
     python main.py --config configs/cifar10_resnet18.py --mode info                 # model only
 
 Several processes (hosts): the same command on each, with --coordinator_address HOST:PORT
@@ -21,13 +22,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "info"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "export", "info"],
                   "train (or resume) in --workdir; eval: attack a trained model; analyze: "
-                  "frequency analyses of --checkpoints; info: describe the model only.")
+                  "frequency analyses of --checkpoints; export: --checkpoint as the official "
+                  "PyTorch state_dict in --out; info: describe the model only.")
 flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, pgdN, cwN, "
                     "apgd-ce, apgd-t, fab-t, square, autoattack).")
-flags.DEFINE_string("checkpoint", None, "eval: a model checkpoint or a run directory (default: "
-                    "the workdir's best_robust/, else best_sum/).")
+flags.DEFINE_string("checkpoint", None, "eval, export: a model checkpoint or a run directory "
+                    "(default: the workdir's best_robust/, else best_sum/); eval also takes an "
+                    "official PyTorch file (.pt, .pth, .npz) of --config.model.name.")
+flags.DEFINE_string("out", None, "export: the file to write, model.pt (needs torch) or model.npz.")
 flags.DEFINE_float("eps", None, "eval: L-inf radius (default: config.attack.eps = 8/255).")
 flags.DEFINE_float("step_size", None, "eval: step of pgdN and cwN (default: "
                    "config.attack.step_size = 2/255).")
@@ -71,8 +75,11 @@ def main(argv, overrides):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = FLAGS.config
-    if FLAGS.mode != "info" and not FLAGS.workdir:
+    if FLAGS.mode not in ("info", "export") and not FLAGS.workdir:
         raise app.UsageError(f"--workdir is required for --mode {FLAGS.mode}.")
+    if FLAGS.mode == "export" and not (FLAGS.out and (FLAGS.checkpoint or FLAGS.workdir)):
+        raise app.UsageError("--mode export needs --out model.pt|model.npz and --checkpoint "
+                             "(a checkpoint or run directory).")
     from fpcm_jax import data, evaluate, parallel, train  # none of them starts a backend
     try:
         parallel.setup(config.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
@@ -90,6 +97,13 @@ def main(argv, overrides):
             if parallel.is_main_process():
                 print(f"Wrote {result['path']} and {', '.join(result['figures'])}")
             return 0
+        if FLAGS.mode == "export":
+            from fpcm_jax import convert
+            info = convert.export(FLAGS.checkpoint or FLAGS.workdir, FLAGS.out)
+            if parallel.is_main_process():
+                print(f"Wrote {FLAGS.out} ({info['name']}, official PyTorch state_dict) and "
+                      f"{FLAGS.out}.json (its model).")
+            return 0
         if FLAGS.mode == "eval":
             names = evaluate.parse_attack_names(FLAGS.attack)
             evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
@@ -99,8 +113,8 @@ def main(argv, overrides):
                                     allow_fallback=FLAGS.allow_fallback)
             return 0
         result = train.train_and_evaluate(config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, data.DatasetError, train.TrainingError,
-            parallel.SetupError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, data.DatasetError,
+            train.TrainingError, parallel.SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed

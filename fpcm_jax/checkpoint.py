@@ -315,7 +315,8 @@ def model_checkpoints(path: str, flag: str = "--checkpoint") -> List[str]:
 
 def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
                dtype: str = "float32", fpcm_lowpass: str = "auto", allow_fallback: bool = False,
-               flag: str = "--checkpoint") -> Tuple[Any, Dict[str, Any], Dict[str, Any], str]:
+               flag: str = "--checkpoint", official: Optional[Dict[str, Any]] = None
+               ) -> Tuple[Any, Dict[str, Any], Dict[str, Any], str]:
     """(model, variables, model_info, checkpoint directory): the one way to load a trained model.
 
     The model is built from the checkpoint's own description (`model.json`), never from a
@@ -325,7 +326,11 @@ def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
     `fpcm_lowpass` only say how the model is computed and may differ from training.
     A damaged best_robust/ of a run directory is an error, or with `allow_fallback` a warning
     and best_sum/ is loaded instead. `flag` is the option that named `path`, for messages.
+    `official`: when `path` is an official PyTorch checkpoint file (.pt, .pth, .npz), the
+    description of its model (`experiment.official_description`); it is converted on the fly.
     """
+    if os.path.isfile(path) and official is not None:
+        return _load_official_file(path, mesh, official, dtype, fpcm_lowpass)
     candidates = model_checkpoints(path, flag)
     for index, directory in enumerate(candidates):
         try:
@@ -340,6 +345,23 @@ def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
                 print(f"warning: {error} Loading {candidates[index + 1]} instead "
                       f"(--allow_fallback).", file=sys.stderr)
     raise AssertionError("unreachable")
+
+
+def _load_official_file(path: str, mesh, description: Dict[str, Any], dtype: str,
+                        fpcm_lowpass: str) -> Tuple[Any, Dict[str, Any], Dict[str, Any], str]:
+    from fpcm_jax import convert
+
+    path = os.path.abspath(path)
+    if not path.endswith(convert.OFFICIAL_FILE_SUFFIXES):
+        raise ValueError(f"{path} is a file but not an official checkpoint (.pt, .pth, .npz); "
+                         f"pass a checkpoint directory or a run directory.")
+    description = {**description, "source": path}
+    model = experiment.model_from_description(description, dtype, fpcm_lowpass)
+    variables = convert.from_official(path, model)
+    sharding = parallel.replicated(mesh or parallel.make_mesh())
+    variables = jax.tree.map(lambda leaf: parallel.global_array(np.asarray(leaf), sharding),
+                             variables)
+    return model, variables, description, path
 
 
 def _load_model_from(directory: str, mesh, overrides: Optional[Dict[str, Any]], dtype: str,
@@ -365,7 +387,8 @@ def _load_model_from(directory: str, mesh, overrides: Optional[Dict[str, Any]], 
 
 
 def _normalized(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+    """Sequences as tuples; an empty one is None (`--config.model.widths=()` unsets)."""
+    return (tuple(value) or None) if isinstance(value, (list, tuple)) else value
 
 
 class RunDirectory:

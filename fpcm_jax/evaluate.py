@@ -139,10 +139,12 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
     batch_size = batch_size or config.eval.batch_size
     parallel.check_batch_size(batch_size, "--batch_size")
     mesh = parallel.make_mesh()
+    spec = data.get_spec(config.data.name)
+    official = experiment.official_description(config.model.name, spec.num_classes,
+                                               config.model.fpcm)
     model, variables, info, path = checkpoint.load_model(
         checkpoint_path or workdir, mesh, model_overrides, config.model.dtype,
-        config.model.fpcm_lowpass, allow_fallback)
-    spec = data.get_spec(config.data.name)
+        config.model.fpcm_lowpass, allow_fallback, official=official)
     if info["num_classes"] != spec.num_classes:
         raise ValueError(f"The checkpoint {path} classifies {info['num_classes']} classes, "
                          f"{config.data.name} has {spec.num_classes}: evaluate it with the "

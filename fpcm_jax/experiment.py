@@ -32,6 +32,14 @@ def official_model_section(name: str) -> Dict[str, Any]:
             "stage_sizes": None}
 
 
+def official_description(name: str, num_classes: int, fpcm: bool = True,
+                         source: str = "") -> Dict[str, Any]:
+    """The description of an official PyTorch checkpoint of model `name` (a converted one's
+    model.json, or what evaluating a .pt file directly assumes)."""
+    return {**official_model_section(name), "fpcm": fpcm, "num_classes": num_classes,
+            "dataset": None, "source": source}
+
+
 def describe(config) -> Dict[str, Any]:
     """The description of the model that `config` trains (what `run.json` holds)."""
     description = json.loads(config.model.to_json())

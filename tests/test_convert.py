@@ -1,5 +1,7 @@
 """Official state_dict conversion: formats, prefixes, errors, the CLI and orbax round trip."""
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fpcm_jax import checkpoint, convert, models
+from fpcm_jax import checkpoint, convert, experiment, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,3 +115,54 @@ def test_loading_into_another_model_names_the_difference(official_wrn16_2, wrn, 
         checkpoint.load_variables(str(tmp_path / "ckpt"), other)
     with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
         checkpoint.load_variables(str(tmp_path / "elsewhere"))
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_export_gives_the_official_state_dict_and_eval_takes_it_directly(official_wrn16_2, wrn,
+                                                                         tmp_path):
+    arrays, state_dict = official_wrn16_2
+    variables = convert.from_official(state_dict, wrn)
+    info = experiment.official_description("wrn-16-2", 10)
+    checkpoint.save_variables(str(tmp_path / "converted"), variables, info)
+    exported = tmp_path / "export" / "model.npz"
+    result = run_main("--config", "configs/tiny.py", "--mode", "export", "--checkpoint",
+                      str(tmp_path / "converted"), "--out", str(exported))
+    assert result.returncode == 0, result.stderr
+    with np.load(exported) as archive:
+        assert set(archive.files) == set(convert.to_official(variables))
+    again = convert.from_official(str(exported), wrn)
+    np.testing.assert_array_equal(logits(wrn, again, arrays["x_eval"]),
+                                  logits(wrn, variables, arrays["x_eval"]))
+    assert json.load(open(str(exported) + ".json"))["name"] == "wrn-16-2"
+    # An existing --out, and .pt without torch, are one-line errors that write nothing.
+    existing = run_main("--config", "configs/tiny.py", "--mode", "export", "--checkpoint",
+                        str(tmp_path / "converted"), "--out", str(exported))
+    assert existing.returncode == 1 and "exists" in existing.stderr
+    if importlib.util.find_spec("torch") is None:
+        pt = run_main("--config", "configs/tiny.py", "--mode", "export", "--checkpoint",
+                      str(tmp_path / "converted"), "--out", str(tmp_path / "model.pt"))
+        assert pt.returncode == 1 and "needs PyTorch" in pt.stderr
+        assert pt.stderr.count("\n") == 1 and not (tmp_path / "model.pt").exists()
+    # Eval takes the official file directly, converted on the fly: the same accuracy as the
+    # converted checkpoint.
+    wrn_flags = ["--config", "configs/tiny.py", "--config.model.name=wrn-16-2",
+                 "--config.model.widths=()", "--config.model.stage_sizes=()", "--mode", "eval",
+                 "--attack", "none", "--num_examples", "40"]
+    reports = {}
+    for name, source in (("converted", tmp_path / "converted"), ("file", exported)):
+        result = run_main(*wrn_flags, "--checkpoint", str(source), "--workdir",
+                          str(tmp_path / f"eval_{name}"))
+        assert result.returncode == 0, result.stderr
+        [report] = [f for f in os.listdir(tmp_path / f"eval_{name}") if f.startswith("eval_")]
+        reports[name] = json.load(open(tmp_path / f"eval_{name}" / report))
+    assert reports["file"]["checkpoint"] == str(exported)
+    assert (reports["file"]["attacks"]["none"]["clean_acc"]
+            == reports["converted"]["attacks"]["none"]["clean_acc"])
+    wrong = run_main("--config", "configs/tiny.py", "--mode", "eval", "--attack", "none",
+                     "--checkpoint", str(exported), "--workdir", str(tmp_path / "wrong"))
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: ")
+    assert "Traceback" not in wrong.stderr
