@@ -154,3 +154,75 @@ def test_the_main_command_downloads_prepares_and_trains(served, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Prepared cifar10" in result.stdout and "Stopped at step 1" in result.stdout
     assert len(server.requests) == before + 1
+
+
+def place(data_dir, name, content):
+    folder = data_dir / "downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(content)
+    return f"{name}:{hashlib.sha256(content).hexdigest()}"
+
+
+def test_cifar100_binary_records_carry_coarse_then_fine_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    buffer, splits = io.BytesIO(), {}
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, count in (("train.bin", 30), ("test.bin", 12)):
+            images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+            fine = rng.integers(0, 100, count).astype(np.uint8)
+            coarse = (fine // 5).astype(np.uint8)
+            rows = np.concatenate([coarse[:, None], fine[:, None],
+                                   images.transpose(0, 3, 1, 2).reshape(count, 3072)], axis=1)
+            info = tarfile.TarInfo(f"cifar-100-binary/{name}")
+            info.size = rows.nbytes
+            archive.addfile(info, io.BytesIO(rows.tobytes()))
+            splits[name] = (images, fine)
+    checksum = place(tmp_path, "cifar-100-binary.tar.gz", buffer.getvalue())
+    train, _, test = data.load("cifar100", str(tmp_path), source_sha256=checksum)
+    np.testing.assert_array_equal(train.images, splits["train.bin"][0])
+    np.testing.assert_array_equal(train.labels, splits["train.bin"][1])
+    np.testing.assert_array_equal(test.labels, splits["test.bin"][1])
+
+
+def test_svhn_matlab_files_give_nhwc_images_and_digit_labels(tmp_path):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    checksums, expected = [], {}
+    for name, count in (("train_32x32.mat", 20), ("test_32x32.mat", 8)):
+        images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+        digits = rng.integers(0, 10, count)
+        buffer = io.BytesIO()
+        savemat(buffer, {"X": images.transpose(1, 2, 3, 0),
+                         "y": np.where(digits == 0, 10, digits).reshape(-1, 1)})
+        checksums.append(place(tmp_path, name, buffer.getvalue()))
+        expected[name] = (images, digits)
+    train, _, test = data.load("svhn", str(tmp_path), source_sha256=",".join(checksums))
+    np.testing.assert_array_equal(train.images, expected["train_32x32.mat"][0])
+    np.testing.assert_array_equal(train.labels, expected["train_32x32.mat"][1])
+    np.testing.assert_array_equal(test.labels, expected["test_32x32.mat"][1])
+
+
+def test_imagenette_folders_give_160px_images_and_sorted_wordnet_labels(tmp_path):
+    from PIL import Image
+
+    wnids = ["n03000684", "n01440764", "n02102040"]  # not in sorted order on purpose
+    buffer = io.BytesIO()
+    expected = {"train": [], "test": []}
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for split_dir, split in (("train", "train"), ("val", "test")):
+            for wnid in wnids:
+                for index in range(2):
+                    image = Image.new("RGB", (213, 160), color=(index * 90, 40, 200))
+                    encoded = io.BytesIO()
+                    image.save(encoded, format="JPEG")
+                    info = tarfile.TarInfo(f"imagenette2-160/{split_dir}/{wnid}/{index}.JPEG")
+                    info.size = len(encoded.getvalue())
+                    archive.addfile(info, io.BytesIO(encoded.getvalue()))
+                    expected[split].append(sorted(wnids).index(wnid))
+    checksum = place(tmp_path, "imagenette2-160.tgz", buffer.getvalue())
+    train, _, test = data.load("imagenette", str(tmp_path), source_sha256=checksum)
+    assert train.images.shape == (6, 160, 160, 3) and test.images.shape == (6, 160, 160, 3)
+    assert sorted(train.labels.tolist()) == sorted(expected["train"])
+    assert sorted(test.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert abs(int(train.images[..., 2].mean()) - 200) <= 3  # the colour survives JPEG
