@@ -56,7 +56,8 @@ def main():
     mesh = parallel.make_mesh()
     model, spec = experiment.build(config)
     tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
-    state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size),
+    state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size,
+                                              ema=config.train.ema_decay > 0),
                            parallel.replicated(mesh))
     make_step = lambda: train.jit_train_step(
         train.make_train_step(model, tx, learning_rate, config, steps_per_epoch), mesh)

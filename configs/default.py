@@ -26,6 +26,7 @@ def get_config():
                                             # auto = matmul for P <= 64 on CPU, else fft
     config.model.dtype = "float32"          # float32 | bfloat16 (mixed precision: float32
                                             # parameters, BN statistics, FPCM filter and loss)
+    config.model.activation = "relu"        # relu (official) | swish (the authors' WRN-28-10 recipe)
     config.model.normalization = "none"     # none (official ResNet-18) | cifar10 (official WRN) | dataset
     config.model.widths = ml_collections.FieldReference(None, field_type=tuple)  # tiny variants
     config.model.stage_sizes = ml_collections.FieldReference(None, field_type=tuple)
@@ -40,6 +41,9 @@ def get_config():
     config.data.validation_size = 1000      # held out of the training split for model selection
     config.data.flip = True                 # random horizontal flip (not for SVHN)
     config.data.crop_padding = 4            # random crop with zero padding
+    config.data.extra_path = ""             # extra labelled data: an .npz (uint8 NHWC `image`,
+                                            # int `label`) or a folder of them, e.g. 1M EDM images
+    config.data.extra_fraction = 0.0        # share of each batch drawn from the extra data
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 120
@@ -57,6 +61,14 @@ def get_config():
     config.train.checkpoint_every_steps = 500  # and at every epoch end; 0: epoch ends only
     config.train.final_test_attack_steps = 20  # test-split PGD-N at the end (0: clean only)
     config.train.stop_after_steps = 0       # >0: save and stop after this many steps (resumable)
+    config.train.label_smoothing = 0.0      # on the loss's cross-entropy terms (0.1: authors' WRN)
+    config.train.nesterov = False           # Nesterov momentum (PyTorch's SGD(nesterov=True))
+    config.train.awp_gamma = 0.0            # AWP (Wu et al. 2020); 0: off. Official: 0.01 with
+                                            # PGD-AT, 0.005 with TRADES (csdongxian/AWP)
+    config.train.awp_warmup_epochs = 0      # epochs without AWP first. Official: 0 with PGD-AT; 10
+                                            # with TRADES (its `epoch >= 10`, epochs counted from
+                                            # 1, leaves 9 out: set 9 to match it exactly)
+    config.train.ema_decay = 0.0            # EMA of params and BatchNorm statistics; 0: off
 
     config.attack = ml_collections.ConfigDict()  # the training attack
     config.attack.eps = 8 / 255
@@ -82,5 +94,7 @@ def get_config():
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256
+    config.eval.use_ema = True              # with train.ema_decay > 0: validate, select, test
+                                            # and save best models with the EMA weights
     config.eval.attack_steps = 10           # validation PGD during training
     return config

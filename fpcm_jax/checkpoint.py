@@ -408,7 +408,7 @@ class RunDirectory:
         path = os.path.join(self.workdir, "run.json")
         if os.path.exists(path):
             with open(path) as handle:
-                previous = json.load(handle)
+                previous = experiment.complete(json.load(handle))  # fields added since: defaults
             changed = sorted(k for k in set(previous) | set(description)
                              if previous.get(k) != description.get(k))
             if changed:

@@ -98,6 +98,37 @@ def load(name: str, data_dir: Optional[str] = None, validation_size: int = 0,
     return train, validation, test
 
 
+def load_extra(path: str, spec: DatasetSpec, name: str) -> Split:
+    """Extra labelled training data (e.g. the 1M EDM-generated CIFAR-10 images of Wang et al.
+    2023): an .npz holding uint8 NHWC images (`image` or `images`) and integer labels (`label`
+    or `labels`), or a folder of such files, read whole into memory."""
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".npz")]
+             if os.path.isdir(path) else [path])
+    if not files:
+        raise DatasetError(f"--config.data.extra_path={path!r} holds no .npz file.")
+    images, labels = [], []
+    for file in files:
+        with np.load(file) as stored:
+            image_key = next((k for k in ("image", "images") if k in stored.files), None)
+            label_key = next((k for k in ("label", "labels") if k in stored.files), None)
+            if image_key is None or label_key is None:
+                raise DatasetError(f"{file} holds {stored.files}; extra data needs images "
+                                   f"('image' or 'images') and labels ('label' or 'labels').")
+            images.append(np.asarray(stored[image_key]))
+            labels.append(np.asarray(stored[label_key]).reshape(-1).astype(np.int32))
+    extra = Split(np.concatenate(images), np.concatenate(labels))
+    wanted = (spec.image_size, spec.image_size, 3)
+    if extra.images.dtype != np.uint8 or extra.images.shape[1:] != wanted:
+        raise DatasetError(f"Extra data in {path} is {extra.images.dtype} "
+                           f"{extra.images.shape[1:]}; {name} needs uint8 images of {wanted}.")
+    if len(extra.images) != len(extra.labels) or not len(extra.labels):
+        raise DatasetError(f"Extra data in {path}: {len(extra.images)} images, "
+                           f"{len(extra.labels)} labels.")
+    if extra.labels.min() < 0 or extra.labels.max() >= spec.num_classes:
+        raise DatasetError(f"Extra data in {path} has labels outside [0, {spec.num_classes}).")
+    return extra
+
+
 def _load_digits(image_size: int) -> Tuple[Split, Split]:
     from sklearn.datasets import load_digits  # ships its data; imported only when used
 

@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import jax
@@ -47,9 +47,42 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    ema_params: Any = None  # with train.ema_decay > 0: moving averages of params and stats
+    ema_batch_stats: Any = None
 
     def variables(self) -> Dict[str, Any]:
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def eval_variables(self, use_ema: bool = True) -> Dict[str, Any]:
+        """What validation, best-model selection and the final test evaluate: the EMA weights
+        when there are any and `use_ema` (config.eval.use_ema), else the trained ones."""
+        if use_ema and self.ema_params is not None:
+            return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
+        return self.variables()
+
+
+AWP_PROXY_LR = 0.01  # the official AWP code's proxy optimizer: SGD(lr=0.01), one step
+AWP_EPS = 1e-20
+
+
+def awp_perturbation(params: Any, proxy_grads: Any, gamma) -> Any:
+    """The official AWP weight perturbation (csdongxian/AWP, `diff_in_weights`): one SGD step
+    of a proxy copy of the weights up the training loss gives diff = proxy - w = 0.01 * grad;
+    each weight tensor of rank >= 2 (a PyTorch `weight` of a conv, linear or FPCM projection:
+    here every `kernel`) moves by gamma * ||w|| / (||diff|| + 1e-20) * diff, so its norm is
+    gamma * ||w||; BatchNorm scales and biases are not perturbed."""
+    def one(path, weight, grad):
+        if getattr(path[-1], "key", None) != "kernel":
+            return jnp.zeros_like(weight)
+        diff = AWP_PROXY_LR * grad
+        return gamma * jnp.linalg.norm(weight) / (jnp.linalg.norm(diff) + AWP_EPS) * diff
+
+    return jax.tree_util.tree_map_with_path(one, params, proxy_grads)
+
+
+def ema_update(average: Any, new: Any, decay: float) -> Any:
+    """decay * average + (1 - decay) * new, leaf by leaf."""
+    return jax.tree.map(lambda a, n: decay * a + (1.0 - decay) * n, average, new)
 
 
 def lr_factor(epoch, total_epochs: int, warmup_epochs: int, kind: str):
@@ -93,17 +126,22 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
         return train_config.lr * factor
 
     tx = optax.chain(optax.add_decayed_weights(train_config.weight_decay),
-                     optax.sgd(learning_rate, momentum=train_config.momentum))
+                     optax.sgd(learning_rate, momentum=train_config.momentum,
+                               nesterov=train_config.nesterov))
     return tx, learning_rate
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                 image_size: int) -> TrainState:
+                 image_size: int, ema: bool = False) -> TrainState:
+    """The initial state; with `ema`, the moving averages start at the initial weights."""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(key, dummy, train=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+    stats = variables.get("batch_stats", {})
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                      opt_state=tx.init(params), ema_params=copy(params) if ema else None,
+                      ema_batch_stats=copy(stats) if ema else None)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning_rate: Callable,
@@ -168,12 +206,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
             if train_cfg.loss != "ce":  # needs gradients through the clean branch too
                 clean_for_loss = forward(params, state.batch_stats, x, progress, True)[0]
             loss = losses.adversarial_loss(train_cfg.loss, clean_for_loss, adv_logits, y,
-                                           train_cfg.beta)
+                                           train_cfg.beta, train_cfg.label_smoothing)
             return loss, (adv_logits, new_stats)
 
+        weights = state.params
+        if train_cfg.awp_gamma > 0:
+            # The proxy's forwards run in train mode; their BatchNorm updates are dropped, as
+            # the official proxy's are (it is reloaded from the model every step).
+            proxy_grads = jax.grad(lambda p: loss_fn(p)[0])(state.params)
+            epoch = state.step // steps_per_epoch
+            gamma = jnp.where(epoch >= train_cfg.awp_warmup_epochs, train_cfg.awp_gamma, 0.0)
+            weights = jax.tree.map(jnp.add, state.params,
+                                   awp_perturbation(state.params, proxy_grads, gamma))
         (loss, (adv_logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            weights)
+        # As the official AWP code: the optimizer steps from the perturbed weights (so weight
+        # decay sees them), then the perturbation is removed: w + update.
+        updates, opt_state = tx.update(grads, state.opt_state, weights)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss,
                    "clean_acc": jnp.mean(jnp.argmax(clean_logits, -1) == y),
@@ -182,6 +231,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
                    "cutoff_progress": jnp.asarray(progress, jnp.float32)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                                   opt_state=opt_state)
+        if train_cfg.ema_decay > 0:
+            new_state = new_state.replace(
+                ema_params=ema_update(state.ema_params, params, train_cfg.ema_decay),
+                ema_batch_stats=ema_update(state.ema_batch_stats, new_stats,
+                                           train_cfg.ema_decay))
         return new_state, metrics
 
     return train_step
@@ -216,6 +270,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 ("attack.steps", config.attack.steps, 0),
                 ("eval.attack_steps", config.eval.attack_steps, 0),
                 ("train.warmup_epochs", config.train.warmup_epochs, 0),
+                ("train.awp_warmup_epochs", config.train.awp_warmup_epochs, 0),
                 ("data.validation_size", config.data.validation_size, 0),
                 ("data.crop_padding", config.data.crop_padding, 0)]
     for name, value, least in at_least:
@@ -230,9 +285,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"--config.train.lr={config.train.lr!r} must be positive.")
     for name, value, low, high in [("train.momentum", config.train.momentum, 0, 1),
                                    ("train.weight_decay", config.train.weight_decay, 0, math.inf),
-                                   ("train.beta", config.train.beta, 0, math.inf)]:
+                                   ("train.beta", config.train.beta, 0, math.inf),
+                                   ("train.awp_gamma", config.train.awp_gamma, 0, 1),
+                                   ("train.ema_decay", config.train.ema_decay, 0, 1),
+                                   ("train.label_smoothing", config.train.label_smoothing, 0, 1),
+                                   ("data.extra_fraction", config.data.extra_fraction, 0, 1)]:
         if not low <= value < high:
             raise ValueError(f"--config.{name}={value!r} must lie in [{low}, {high}).")
+    if bool(config.data.extra_path) != (config.data.extra_fraction > 0):
+        raise ValueError("--config.data.extra_path and --config.data.extra_fraction go together: "
+                         "give both (e.g. extra_fraction=0.7) or neither.")
+    if config.data.extra_path and not os.path.exists(config.data.extra_path):
+        raise ValueError(f"--config.data.extra_path={config.data.extra_path!r} does not exist.")
     experiment.check_options(experiment.describe(config))
     parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
@@ -255,20 +319,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     main = parallel.is_main_process()
     model, spec = experiment.build(config)
     train_split, val_split, test_split = data.load_for(config)
+    extra = (data.load_extra(config.data.extra_path, spec, config.data.name)
+             if config.data.extra_path else None)
     batch_size = config.train.batch_size
-    steps_per_epoch = len(train_split) // batch_size  # the last partial batch is dropped
-    if steps_per_epoch == 0:
-        raise ValueError(f"--config.train.batch_size={batch_size} exceeds the "
-                         f"{len(train_split)} training images.")
+    batches = Batches(train_split, extra, batch_size, config.data.extra_fraction, config.seed)
+    steps_per_epoch = batches.steps_per_epoch
     run = checkpoint.RunDirectory(workdir, experiment.describe(config))
     total_steps = steps_per_epoch * config.train.epochs
 
     mesh = parallel.make_mesh()
-    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    repl = parallel.replicated(mesh)
     tx, learning_rate = make_optimizer(config.train, steps_per_epoch)
     root_key = jax.random.key(config.seed)
     init_key, train_key, eval_key = jax.random.split(root_key, 3)
-    state = jax.device_put(create_state(model, tx, init_key, spec.image_size), repl)
+    state = jax.device_put(create_state(model, tx, init_key, spec.image_size,
+                                        ema=config.train.ema_decay > 0), repl)
     state, best = run.restore_latest(state)
     start_step = int(state.step)
     run.start_metrics(start_step)
@@ -276,13 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     alpha_probe = _alpha_probe(model, val_split if len(val_split) else train_split,
                                config.logging.alpha_examples, repl)
 
-    images = parallel.global_array(train_split.images, repl)
-    labels = parallel.global_array(train_split.labels, repl)
-    # The batch, and whether any process has been told to stop: every process reads the same
-    # vote for the same step, without an extra collective or host sync.
-    gather = jax.jit(lambda imgs, lbls, idx, votes: (
-        {"images": imgs[idx], "labels": lbls[idx]}, jnp.any(votes)),
-        out_shardings=(sharded, repl))
+    batches.place(mesh)
     train_step = jit_train_step(make_train_step(model, tx, learning_rate, config,
                                                 steps_per_epoch), mesh)
     eval_step = evaluate.pgd_eval_step(model, mesh, config.eval.attack_steps,
@@ -313,15 +372,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         step = start_step
         while step < total_steps:
             epoch = step // steps_per_epoch
-            order = np.random.default_rng([config.seed, epoch]).permutation(len(train_split))
             bar = progress.bar(steps_per_epoch, f"epoch {epoch + 1}/{config.train.epochs}",
                                enabled=main, initial=step % steps_per_epoch)
             epoch_start, epoch_images = time.time(), 0
             while step < total_steps and step // steps_per_epoch == epoch:
-                position = step % steps_per_epoch
-                indices = order[position * batch_size:(position + 1) * batch_size]
-                batch, stop_vote = gather(images, labels, parallel.global_array(indices, sharded),
-                                          parallel.process_votes(stop.requested, mesh))
+                batch, stop_vote = batches.gather(epoch, step % steps_per_epoch,
+                                                  parallel.process_votes(stop.requested, mesh))
                 state, metrics = train_step(state, batch, train_key)
                 shown = settle(pending)
                 stop_agreed = bool(stop_vote)  # ready: gather ran before this step
@@ -367,6 +423,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         board.close()
 
 
+class Batches:
+    """The training batches, gathered by index inside a jitted function from the datasets held
+    on the devices (uint8, replicated). Each epoch permutes the training split (seeded by
+    (seed, epoch), so a resumed run sees the same batches); with extra data, a share
+    `extra_fraction` of every batch comes from it (its own permutation per epoch, cycled when
+    an epoch needs more), after the training images; an epoch then covers the training split
+    once. The gather also returns whether any process has been told to stop: every process
+    reads the same vote for the same step, without an extra collective or host sync."""
+
+    def __init__(self, train_split: data.Split, extra: Optional[data.Split], batch_size: int,
+                 extra_fraction: float, seed: int):
+        self.split, self.extra, self.seed = train_split, extra, seed
+        self.extra_count = round(batch_size * extra_fraction) if extra is not None else 0
+        self.main_count = batch_size - self.extra_count
+        if extra is not None and not 0 < self.extra_count < batch_size:
+            raise ValueError(f"--config.data.extra_fraction={extra_fraction} leaves "
+                             f"{self.extra_count} extra images in a batch of {batch_size}: "
+                             f"choose a fraction that gives between 1 and {batch_size - 1}.")
+        self.steps_per_epoch = len(train_split) // self.main_count  # the last partial dropped
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--config.train.batch_size={batch_size} exceeds the "
+                             f"{len(train_split)} training images.")
+        self._orders = {}
+
+    def place(self, mesh) -> None:
+        repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+        self._repl, self._sharded = repl, sharded
+        self._arrays = [parallel.global_array(a, repl)
+                        for a in (self.split.images, self.split.labels)]
+        if self.extra is None:
+            self._gather = jax.jit(lambda imgs, lbls, idx, votes: (
+                {"images": imgs[idx], "labels": lbls[idx]}, jnp.any(votes)),
+                out_shardings=(sharded, repl))
+            return
+        self._arrays += [parallel.global_array(a, repl)
+                         for a in (self.extra.images, self.extra.labels)]
+        self._gather = jax.jit(lambda imgs, lbls, extra_imgs, extra_lbls, idx, extra_idx, votes: (
+            {"images": jnp.concatenate([imgs[idx], extra_imgs[extra_idx]]),
+             "labels": jnp.concatenate([lbls[idx], extra_lbls[extra_idx]])}, jnp.any(votes)),
+            out_shardings=(sharded, repl))
+
+    def indices(self, epoch: int, position: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """(training-split indices, extra-data indices or None) of a step's batch."""
+        if epoch not in self._orders:
+            self._orders = {epoch: (
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.split)),
+                None if self.extra is None else
+                np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.extra)))}
+        order, extra_order = self._orders[epoch]
+        main = order[position * self.main_count:(position + 1) * self.main_count]
+        if extra_order is None:
+            return main, None
+        picks = (position * self.extra_count + np.arange(self.extra_count)) % len(extra_order)
+        return main, extra_order[picks]
+
+    def gather(self, epoch: int, position: int, votes: jax.Array):
+        main, extra = self.indices(epoch, position)
+        if extra is None:
+            return self._gather(*self._arrays, parallel.global_array(main, self._sharded), votes)
+        return self._gather(*self._arrays, parallel.global_array(main, self._repl),
+                            parallel.global_array(extra, self._repl), votes)
+
+
 def _alpha_probe(model, split: data.Split, count: int, sharding) -> Callable:
     """variables -> each FPCM module's alpha on the first `count` images of a split ({} for
     a model without FPCM), for TensorBoard's histograms."""
@@ -385,7 +504,8 @@ def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh
     last = epoch == config.train.epochs
     if len(val_split) == 0 or not every or (epoch % every and not last):
         return best
-    result = evaluate.evaluate_split(eval_step, state.variables(), val_split,
+    variables = state.eval_variables(config.eval.use_ema)
+    result = evaluate.evaluate_split(eval_step, variables, val_split,
                                      config.eval.batch_size, jax.random.fold_in(eval_key, epoch),
                                      mesh)
     record = {"step": int(state.step), "epoch": epoch, "val_clean_acc": result["clean_acc"],
@@ -394,7 +514,7 @@ def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh
     board.scalars("validation", record["step"], {"clean_acc": result["clean_acc"],
                                                  "robust_acc": result["robust_acc"]})
     if config.logging.tensorboard:
-        board.histograms("alpha", record["step"], alpha_probe(state.variables()))
+        board.histograms("alpha", record["step"], alpha_probe(variables))
     if main:
         progress.say(f"epoch {epoch}: validation clean {result['clean_acc']:.4f}, "
                      f"PGD-{config.eval.attack_steps} {result['robust_acc']:.4f} "
@@ -403,10 +523,10 @@ def _end_of_epoch(config, run, state, best, eval_step, val_split, eval_key, mesh
     total = result["clean_acc"] + result["robust_acc"]
     if total > best.get("sum", -1.0):
         best["sum"] = total
-        run.save_best("best_sum", state.variables(), record)
+        run.save_best("best_sum", variables, record)
     if result["robust_acc"] > best.get("robust", -1.0):
         best["robust"] = result["robust_acc"]
-        run.save_best("best_robust", state.variables(), record)
+        run.save_best("best_robust", variables, record)
     return best
 
 
@@ -414,7 +534,8 @@ def _final_summary(config, run, model, state, test_split, eval_key, mesh, main, 
     steps = config.train.final_test_attack_steps
     eval_step = evaluate.pgd_eval_step(model, mesh, steps, config.attack.eps,
                                        config.attack.step_size)
-    result = evaluate.evaluate_split(eval_step, state.variables(), test_split,
+    result = evaluate.evaluate_split(eval_step, state.eval_variables(config.eval.use_ema),
+                                     test_split,
                                      config.eval.batch_size, jax.random.fold_in(eval_key, 2**31 - 1),
                                      mesh)
     summary = {"final_step": int(state.step), "test_examples": result["examples"],

@@ -76,7 +76,8 @@ def read_train_state(workdir, config):
 
     model, spec = experiment.build(config)
     tx, _ = train.make_optimizer(config.train, 10)
-    template = train.create_state(model, tx, jax.random.key(0), spec.image_size)
+    template = train.create_state(model, tx, jax.random.key(0), spec.image_size,
+                                  ema=config.train.ema_decay > 0)
     run = checkpoint.RunDirectory(workdir, experiment.describe(config))
     state, _ = run.restore_latest(template)
     return jax.device_get(state)

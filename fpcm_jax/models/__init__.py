@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fpcm_jax.models.common import ACTIVATIONS  # noqa: F401  (the valid model.activation)
 from fpcm_jax.models.resnet import ResNet
 from fpcm_jax.models.wide_resnet import WideResNet
 

@@ -37,6 +37,15 @@ def torch_dense(features: int, in_features: int, name: str, dtype: Any = jnp.flo
                     dtype=dtype, name=name)
 
 
+ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}  # swish = SiLU, x * sigmoid(x)
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; use one of {tuple(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over all but the channel axis, with PyTorch's exact semantics.
 

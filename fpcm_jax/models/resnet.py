@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fpcm_jax.layers import FPCM
-from fpcm_jax.models.common import BatchNorm, check_images, conv, normalize, torch_dense
+from fpcm_jax.models.common import (BatchNorm, activation_fn, check_images, conv, normalize,
+                                    torch_dense)
 
 
 class BasicBlock(nn.Module):
@@ -23,19 +24,20 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         norm = lambda name: BatchNorm(name=name)
         out = conv(self.features, 3, self.stride, "conv1", dtype=self.dtype)(x)
-        out = nn.relu(norm("bn1")(out, not train))
+        out = activation_fn(self.activation)(norm("bn1")(out, not train))
         out = conv(self.features, 3, 1, "conv2", dtype=self.dtype)(out)
         out = norm("bn2")(out, not train)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, 1, self.stride, "shortcut_0", dtype=self.dtype)(x)
             shortcut = norm("shortcut_1")(shortcut, not train)
-        return nn.relu(out + shortcut)
+        return activation_fn(self.activation)(out + shortcut)
 
 
 class ResNet(nn.Module):
@@ -52,13 +54,14 @@ class ResNet(nn.Module):
     std: Optional[Sequence[float]] = None
     fpcm_lowpass: str = "auto"  # fft | matmul | auto: how FPCM computes its filter (same result)
     dtype: Any = jnp.float32
+    activation: str = "relu"  # relu (official) | swish
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, progress: Any = 1.0) -> jax.Array:
         check_images(x, type(self).__name__)
         out = normalize(x.astype(jnp.float32), self.mean, self.std).astype(self.dtype)
         out = conv(self.widths[0], 3, 1, "conv1", dtype=self.dtype)(out)
-        out = nn.relu(BatchNorm(name="bn1")(out, not train))
+        out = activation_fn(self.activation)(BatchNorm(name="bn1")(out, not train))
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError(f"ResNet needs one width per stage; got stage_sizes "
                              f"{self.stage_sizes} and widths {self.widths}.")
@@ -67,7 +70,7 @@ class ResNet(nn.Module):
             for block in range(num_blocks):
                 stride = 2 if stage > 1 and block == 0 else 1
                 name = f"layer{stage}_{block}"
-                out = BasicBlock(width, stride, self.dtype, name=name)(out, train)
+                out = BasicBlock(width, stride, self.dtype, self.activation, name=name)(out, train)
             if self.fpcm:
                 out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
                            self.fpcm_lowpass,

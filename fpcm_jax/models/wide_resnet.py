@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fpcm_jax.layers import FPCM
-from fpcm_jax.models.common import (CIFAR10_MEAN, CIFAR10_STD, BatchNorm, check_images, conv,
-                                    normalize, torch_dense)
+from fpcm_jax.models.common import (CIFAR10_MEAN, CIFAR10_STD, BatchNorm, activation_fn,
+                                    check_images, conv, normalize, torch_dense)
 
 wrn_conv_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -27,14 +27,15 @@ class PreActBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         make_conv = lambda k, s, name: conv(self.features, k, s, name, wrn_conv_init, self.dtype)
         equal_in_out = x.shape[-1] == self.features
-        activated = nn.relu(BatchNorm(name="bn1")(x, not train))
+        activated = activation_fn(self.activation)(BatchNorm(name="bn1")(x, not train))
         out = make_conv(3, self.stride, "conv1")(activated)
-        out = nn.relu(BatchNorm(name="bn2")(out, not train))
+        out = activation_fn(self.activation)(BatchNorm(name="bn2")(out, not train))
         out = make_conv(3, 1, "conv2")(out)
         shortcut = x if equal_in_out else make_conv(1, self.stride, "convShortcut")(activated)
         return shortcut + out
@@ -54,6 +55,7 @@ class WideResNet(nn.Module):
     std: Optional[Sequence[float]] = CIFAR10_STD
     fpcm_lowpass: str = "auto"  # fft | matmul | auto: how FPCM computes its filter (same result)
     dtype: Any = jnp.float32
+    activation: str = "relu"  # relu (official) | swish
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, progress: Any = 1.0) -> jax.Array:
@@ -74,7 +76,7 @@ class WideResNet(nn.Module):
                 out = FPCM("dense", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
                            self.fpcm_lowpass,
                            name=f"attn{group}")(out, progress)
-        out = nn.relu(BatchNorm(name="bn1")(out, not train))
+        out = activation_fn(self.activation)(BatchNorm(name="bn1")(out, not train))
         out = jnp.mean(out, axis=(1, 2))  # = the official avg_pool2d(8) on a 32x32 input
         logits = torch_dense(self.num_classes, out.shape[-1], "fc", self.dtype, zero_bias=True)(out)
         return logits.astype(jnp.float32)
