@@ -29,7 +29,7 @@ def official_model_section(name: str) -> Dict[str, Any]:
     return {"name": name, "fpcm": True, "fpcm_variant": "tokens",
             "cutoff_start": 0.125 if is_wrn else 0.5, "cutoff_end": 0.125,
             "normalization": "cifar10" if is_wrn else "none", "widths": None,
-            "stage_sizes": None}
+            "stage_sizes": None, "activation": "relu"}
 
 
 def official_description(name: str, num_classes: int, fpcm: bool = True,
@@ -82,6 +82,9 @@ def check_options(description: Dict[str, Any]) -> None:
         if not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(f"--config.model.{field}={value!r} must lie in (0, 1]: the cutoff "
                              f"D0 as a fraction of P (official: 0.5 to 0.125).")
+    if description.get("activation") not in models.ACTIVATIONS:
+        raise ValueError(f"--config.model.activation={description.get('activation')!r} is not "
+                         f"valid; use one of {tuple(models.ACTIVATIONS)}.")
     if description.get("normalization") not in ("none", "cifar10", "dataset"):
         raise ValueError(f"--config.model.normalization={description.get('normalization')!r} "
                          f"is not valid; use one of ('none', 'cifar10', 'dataset').")
@@ -102,6 +105,7 @@ def model_from_description(description: Dict[str, Any], dtype: str = "float32",
                          fpcm=description["fpcm"], fpcm_variant=description["fpcm_variant"],
                          cutoff_start=description["cutoff_start"],
                          cutoff_end=description["cutoff_end"], fpcm_lowpass=fpcm_lowpass,
+                         activation=description["activation"],
                          dtype=models.compute_dtype(dtype), mean=mean, std=std, **extra)
 
 

@@ -33,7 +33,8 @@ def build_step(config, steps_per_epoch, mesh, trace_limit=None):
     step = train.make_train_step(model, tx, learning_rate, config, steps_per_epoch)
     if trace_limit:
         step = chex.assert_max_traces(step, n=trace_limit)
-    state = train.create_state(model, tx, jax.random.key(0), spec.image_size)
+    state = train.create_state(model, tx, jax.random.key(0), spec.image_size,
+                               ema=config.train.ema_decay > 0)
     state = jax.device_put(state, parallel.replicated(mesh))
     return train.jit_train_step(step, mesh), state
 
