@@ -2,6 +2,10 @@
 
     python benchmarks/train_step.py --model resnet18 --batch 128 [--no-fpcm] [--steps 5]
         [--dtype bfloat16] [--fpcm-lowpass fft|matmul|auto] [--loop unrolled|fori|auto]
+        [--loss ce|trades|mart] [--awp 0.01] [--ema 0.995]
+
+--awp GAMMA times the plain step and the AWP step in the same process and adds
+`awp_relative_cost` (AWP step seconds / plain step seconds) and the AWP step's figures.
 
 Prints one JSON line: images_per_second (median over the timed steps after one warm-up step),
 compile_seconds, flops_per_step (convolutions and matrix products counted from the program,
@@ -41,17 +45,43 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=tuple(models.DTYPES))
     parser.add_argument("--fpcm-lowpass", default="auto", choices=layers.LOWPASS_IMPLS)
     parser.add_argument("--loop", default="auto", choices=tuple(train.ATTACK_LOOPS))
+    parser.add_argument("--loss", default="ce", choices=train.losses.LOSS_NAMES)
+    parser.add_argument("--awp", type=float, default=0.0, help="AWP gamma: also time AWP")
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: off)")
     args = parser.parse_args()
 
     config = default.get_config()
     config.model.name = args.model
     config.model.fpcm = not args.no_fpcm
     config.train.batch_size = args.batch
+    config.train.loss = args.loss
+    config.train.ema_decay = args.ema
     config.attack.steps = args.attack_steps
     config.attack.bn_mode = args.bn_mode
     config.attack.loop = args.loop
     config.model.dtype = args.dtype
     config.model.fpcm_lowpass = args.fpcm_lowpass
+    result = time_step(config, args.batch, args.steps)
+    report = {"benchmark": "train_step", "model": args.model, "fpcm": not args.no_fpcm,
+              "batch": args.batch, "attack_steps": args.attack_steps, "bn_mode": args.bn_mode,
+              "loss": args.loss, "ema": args.ema, "dtype": args.dtype,
+              "fpcm_lowpass": args.fpcm_lowpass, "loop": args.loop, **result}
+    if args.awp:
+        config.train.awp_gamma = args.awp
+        with_awp = time_step(config, args.batch, args.steps)
+        report["awp"] = {"gamma": args.awp, **with_awp}
+        report["awp_relative_cost"] = round(with_awp["step_seconds_median"]
+                                            / result["step_seconds_median"], 3)
+    report.update({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                        / 1024),
+                   "timed_steps": args.steps, "devices": jax.device_count(),
+                   "platform": jax.devices()[0].platform, "jax": jax.__version__,
+                   "xla_flags": os.environ.get("XLA_FLAGS", "")})
+    print(json.dumps(report))
+
+
+def time_step(config, batch_size: int, timed_steps: int) -> dict:
+    """Compile seconds, median step seconds, images/second and FLOPs of the jitted step."""
     steps_per_epoch = 1000
     mesh = parallel.make_mesh()
     model, spec = experiment.build(config)
@@ -59,15 +89,14 @@ def main():
     state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size,
                                               ema=config.train.ema_decay > 0),
                            parallel.replicated(mesh))
-    make_step = lambda: train.jit_train_step(
+    step = train.jit_train_step(
         train.make_train_step(model, tx, learning_rate, config, steps_per_epoch), mesh)
-    step = make_step()
     rng = np.random.default_rng(0)
     sharded = parallel.batch_sharded(mesh)
     batch = {"images": parallel.global_array(
-                 rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8), sharded),
+                 rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8), sharded),
              "labels": parallel.global_array(
-                 rng.integers(0, spec.num_classes, (args.batch,)).astype(np.int32), sharded)}
+                 rng.integers(0, spec.num_classes, (batch_size,)).astype(np.int32), sharded)}
     key = jax.random.key(1)
 
     start = time.perf_counter()
@@ -76,25 +105,17 @@ def main():
     state, metrics = compiled(state, batch, key)  # warm-up
     jax.block_until_ready(metrics)
     times = []
-    for _ in range(args.steps):
+    for _ in range(timed_steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     flops = count_flops(step, state, batch, key)
-    print(json.dumps({
-        "benchmark": "train_step", "model": args.model, "fpcm": not args.no_fpcm,
-        "batch": args.batch, "attack_steps": args.attack_steps, "bn_mode": args.bn_mode,
-        "dtype": args.dtype, "fpcm_lowpass": args.fpcm_lowpass, "loop": args.loop,
-        "images_per_second": round(args.batch / median, 2),
-        "step_seconds_median": round(median, 4), "compile_seconds": round(compile_seconds, 2),
-        "flops_per_step": flops["total"], "fft_flops_per_step": flops["fft"],
-        "achieved_tflops": round(flops["total"] / median / 1e12, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "timed_steps": args.steps, "devices": jax.device_count(),
-        "platform": jax.devices()[0].platform, "jax": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", "")}))
+    return {"images_per_second": round(batch_size / median, 2),
+            "step_seconds_median": round(median, 4), "compile_seconds": round(compile_seconds, 2),
+            "flops_per_step": flops["total"], "fft_flops_per_step": flops["fft"],
+            "achieved_tflops": round(flops["total"] / median / 1e12, 3)}
 
 
 if __name__ == "__main__":

@@ -68,7 +68,11 @@ def get_config():
     config.train.awp_warmup_epochs = 0      # epochs without AWP first. Official: 0 with PGD-AT; 10
                                             # with TRADES (its `epoch >= 10`, epochs counted from
                                             # 1, leaves 9 out: set 9 to match it exactly)
-    config.train.ema_decay = 0.0            # EMA of params and BatchNorm statistics; 0: off
+    config.train.ema_decay = 0.0            # weight averaging (EMA) tau; 0: off. As the authors'
+                                            # code (DM-Improves-AT): decay 0 for the first
+    config.train.ema_warmup_fraction = 0.025  # this share of training, then min(tau, (1+d)/(10+d))
+    config.train.ema_batch_stats = "copy"   # copy: the model's own running statistics (authors'
+                                            # code) | average: EMA them too
 
     config.attack = ml_collections.ConfigDict()  # the training attack
     config.attack.eps = 8 / 255

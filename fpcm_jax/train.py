@@ -47,8 +47,8 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    ema_params: Any = None  # with train.ema_decay > 0: moving averages of params and stats
-    ema_batch_stats: Any = None
+    ema_params: Any = None  # with train.ema_decay > 0: the weight average and the statistics
+    ema_batch_stats: Any = None  # it is evaluated with (train.ema_batch_stats)
 
     def variables(self) -> Dict[str, Any]:
         return {"params": self.params, "batch_stats": self.batch_stats}
@@ -80,9 +80,18 @@ def awp_perturbation(params: Any, proxy_grads: Any, gamma) -> Any:
     return jax.tree_util.tree_map_with_path(one, params, proxy_grads)
 
 
-def ema_update(average: Any, new: Any, decay: float) -> Any:
+def ema_update(average: Any, new: Any, decay) -> Any:
     """decay * average + (1 - decay) * new, leaf by leaf."""
     return jax.tree.map(lambda a, n: decay * a + (1.0 - decay) * n, average, new)
+
+
+def ema_decay_at(update: jax.Array, tau: float, warmup_updates: float) -> jax.Array:
+    """The authors' weight-averaging decay (DM-Improves-AT, `ema_update` with dynamic decay,
+    after Gowal et al. 2020) for the `update`-th optimizer update (counted from 1): 0 (a copy
+    of the weights) before `warmup_updates`, then min(tau, (1 + d) / (10 + d)), d the updates
+    since."""
+    since = update.astype(jnp.float32) - warmup_updates
+    return jnp.where(since >= 0, jnp.minimum(tau, (1.0 + since) / (10.0 + since)), 0.0)
 
 
 def lr_factor(epoch, total_epochs: int, warmup_epochs: int, kind: str):
@@ -148,6 +157,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
                     config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
     """train_step(state, batch, key) -> (state, metrics), pure; `key` is the run's base key."""
     train_cfg, attack_cfg, data_cfg = config.train, config.attack, config.data
+    ema_warmup_updates = train_cfg.ema_warmup_fraction * steps_per_epoch * train_cfg.epochs
 
     def forward(params, stats, x, progress, train):
         variables = {"params": params, "batch_stats": stats}
@@ -232,10 +242,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                                   opt_state=opt_state)
         if train_cfg.ema_decay > 0:
+            decay = ema_decay_at(state.step + 1, train_cfg.ema_decay, ema_warmup_updates)
             new_state = new_state.replace(
-                ema_params=ema_update(state.ema_params, params, train_cfg.ema_decay),
-                ema_batch_stats=ema_update(state.ema_batch_stats, new_stats,
-                                           train_cfg.ema_decay))
+                ema_params=ema_update(state.ema_params, params, decay),
+                ema_batch_stats=(ema_update(state.ema_batch_stats, new_stats, decay)
+                                 if train_cfg.ema_batch_stats == "average" else new_stats))
         return new_state, metrics
 
     return train_step
@@ -255,6 +266,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                ("train.schedule_per", config.train.schedule_per, ("epoch", "step")),
                ("train.trades_attack", config.train.trades_attack, ("ce", "kl")),
                ("attack.bn_mode", config.attack.bn_mode, BN_MODES),
+               ("train.ema_batch_stats", config.train.ema_batch_stats, ("copy", "average")),
                ("attack.loop", config.attack.loop, tuple(ATTACK_LOOPS)),
                ("model.dtype", config.model.dtype, tuple(models.DTYPES)),
                ("model.fpcm_lowpass", config.model.fpcm_lowpass, layers.LOWPASS_IMPLS),
@@ -288,13 +300,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                    ("train.beta", config.train.beta, 0, math.inf),
                                    ("train.awp_gamma", config.train.awp_gamma, 0, 1),
                                    ("train.ema_decay", config.train.ema_decay, 0, 1),
+                                   ("train.ema_warmup_fraction", config.train.ema_warmup_fraction,
+                                    0, 1),
                                    ("train.label_smoothing", config.train.label_smoothing, 0, 1),
                                    ("data.extra_fraction", config.data.extra_fraction, 0, 1)]:
         if not low <= value < high:
             raise ValueError(f"--config.{name}={value!r} must lie in [{low}, {high}).")
     if bool(config.data.extra_path) != (config.data.extra_fraction > 0):
-        raise ValueError("--config.data.extra_path and --config.data.extra_fraction go together: "
-                         "give both (e.g. extra_fraction=0.7) or neither.")
+        raise ValueError(f"--config.data.extra_fraction={config.data.extra_fraction} and "
+                         f"--config.data.extra_path={config.data.extra_path!r} go together: give "
+                         f"the extra data's .npz with a fraction > 0 (e.g. 0.7), or neither.")
     if config.data.extra_path and not os.path.exists(config.data.extra_path):
         raise ValueError(f"--config.data.extra_path={config.data.extra_path!r} does not exist.")
     experiment.check_options(experiment.describe(config))

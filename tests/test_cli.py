@@ -65,3 +65,19 @@ def test_a_wide_resnet_on_a_resnet_config_once_its_widths_are_unset():
     assert description["widths"] is None and description["stage_sizes"] is None
     model, _ = experiment.build(config)
     assert model.__class__.__name__ == "WideResNet"
+
+
+def test_every_config_file_is_valid(tmp_path):
+    import importlib
+
+    from fpcm_jax import train
+
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                   if f.endswith(".py") and f != "__init__.py")
+    assert "cifar10_wrn28_10_swish_edm" in names
+    for name in names:
+        config = importlib.import_module(f"configs.{name}").get_config()
+        if config.data.extra_fraction:
+            (tmp_path / "extra.npz").write_bytes(b"")
+            config.data.extra_path = str(tmp_path / "extra.npz")
+        train.validate_config(config)

@@ -86,27 +86,39 @@ def test_awp_waits_for_its_warm_up_epochs():
                            plain_later.params["linear"]["kernel"])
 
 
-def test_ema_is_the_recurrence_of_params_and_statistics():
-    decay = 0.9
-    _, state, batch, step = one_step_setup(plain_config(train__ema_decay=decay), ema=True)
+@pytest.mark.parametrize("stats_mode", ["copy", "average"])
+def test_ema_is_the_authors_recurrence(stats_mode):
+    """decay_t = 0 for the first 2.5% of the updates (here: 2 of 80), then
+    min(tau, (1 + d) / (10 + d)), d = t - 2 (DM-Improves-AT's ema_update); BatchNorm statistics
+    copied from the model, or averaged with the same decay."""
+    tau = 0.3
+    config = plain_config(train__ema_decay=tau, train__ema_batch_stats=stats_mode,
+                          train__epochs=8)  # 8 epochs x 10 steps: warm-up 0.025 x 80 = 2
+    _, state, batch, step = one_step_setup(config, ema=True)
     expected_params, expected_stats = state.params, state.batch_stats
-    for index in range(3):
-        state, _ = step(state, batch, jax.random.key(index))
-        expected_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                                       expected_params, state.params)
-        expected_stats = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                                      expected_stats, state.batch_stats)
-        chex.assert_trees_all_close(state.ema_params, expected_params, rtol=1e-6)
-        chex.assert_trees_all_close(state.ema_batch_stats, expected_stats, rtol=1e-6)
+    for update in range(1, 6):
+        state, _ = step(state, batch, jax.random.key(update))
+        since = update - 2
+        decay = 0.0 if since < 0 else min(tau, (1 + since) / (10 + since))
+        average = lambda old, new: jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                                                old, new)
+        expected_params = average(expected_params, state.params)
+        expected_stats = (average(expected_stats, state.batch_stats) if stats_mode == "average"
+                          else state.batch_stats)
+        chex.assert_trees_all_close(state.ema_params, expected_params, rtol=1e-6, atol=1e-8)
+        chex.assert_trees_all_close(state.ema_batch_stats, expected_stats, rtol=1e-6,
+                                    atol=1e-8)
+    assert not np.allclose(state.ema_params["linear"]["kernel"], state.params["linear"]["kernel"])
     assert state.eval_variables(True)["params"] is state.ema_params
     assert state.eval_variables(False)["params"] is state.params
 
 
 def test_ema_survives_stop_and_resume_and_is_what_is_evaluated(tmp_path):
-    config = tiny_config(train__ema_decay=0.8, train__epochs=1, train__awp_gamma=0.01)
+    options = dict(train__ema_decay=0.8, train__ema_warmup_fraction=0.2, train__epochs=1,
+                   train__awp_gamma=0.01)
+    config = tiny_config(**options)
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
-    stopped = tiny_config(train__ema_decay=0.8, train__epochs=1, train__awp_gamma=0.01,
-                          train__stop_after_steps=4, train__checkpoint_every_steps=0)
+    stopped = tiny_config(**options, train__stop_after_steps=4, train__checkpoint_every_steps=0)
     train.train_and_evaluate(stopped, str(tmp_path / "parts"))
     resumed = train.train_and_evaluate(config, str(tmp_path / "parts"))
     state_whole = read_train_state(str(tmp_path / "whole"), config)
