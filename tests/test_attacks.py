@@ -57,8 +57,22 @@ def test_attack_stays_in_the_ball_and_never_helps(name):
 def test_autoattack_is_at_most_each_component():
     logits_fn, x, y = tiny_problem(seed=2, size=40)
     options = dict(eps=EPS, batch_size=16, n_iter=10, n_queries=60, n_target_classes=3)
-    full = attacks.autoattack(logits_fn, x, y, jax.random.key(0), **options)
+    events, components = [], []
+    full = attacks.autoattack(logits_fn, x, y, jax.random.key(0), **options,
+                              on_batch=lambda *event: events.append(event),
+                              progress=lambda *done: components.append(done))
     assert full["robust_accuracy"] <= full["clean_accuracy"]
+    # Progress: each stage starts at 0 and ends with all its points; components report their
+    # accuracy in order; the robust count never grows.
+    assert [name for name, _ in components] == list(attacks.STANDARD)
+    assert [acc for _, acc in components] == list(full["accuracy_after"].values())
+    stages = {(name, stage): [e for e in events if e[:2] == (name, stage)]
+              for name, stage, *_ in events}
+    assert len([key for key in stages if key[0] == "apgd-t"]) == 3  # one per target class
+    for (name, stage), seen in stages.items():
+        assert seen[0][3] == 0 and seen[-1][3] == seen[-1][4], (name, stage)
+    robust_counts = [event[5] for event in events]
+    assert robust_counts == sorted(robust_counts, reverse=True)
     after = list(full["accuracy_after"].values())
     assert after == sorted(after, reverse=True)
     for name in attacks.STANDARD:

@@ -27,7 +27,13 @@ ROBUST = 0.8   # PGD-20 accuracy of PGD-AT (measured >= 0.892; standard training
 GAP = 0.1      # PGD-AT over standard training in the same sitting (measured >= 0.28)
 
 
-def short_run(workdir, attack_steps, dtype="float32"):
+def short_run(workdir, attack_steps, dtype="float32", **train_changes):
+    config = short_run_config(attack_steps, dtype)
+    config.train.update(train_changes)
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def short_run_config(attack_steps, dtype="float32"):
     config = tiny.get_config()
     config.model.dtype = dtype
     config.model.widths = (8, 16, 32, 64)
@@ -39,7 +45,9 @@ def short_run(workdir, attack_steps, dtype="float32"):
     config.attack.steps = attack_steps
     config.attack.eps = 16 / 255
     config.attack.step_size = 4 / 255
-    return train.train_and_evaluate(config, str(workdir))
+    config.logging.tensorboard = False
+    config.logging.curves = False
+    return config
 
 
 @pytest.fixture(scope="module")

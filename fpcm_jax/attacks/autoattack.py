@@ -80,7 +80,8 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     the batch (`batch_size` a multiple of the device count) and fetch gathers it
     (`fpcm_jax.evaluate` passes `parallel.global_array` and `parallel.fetch`).
     progress(component, robust accuracy) is called after each component; on_batch(component,
-    stage, stages, points done, points in the stage, robust points now) after each batch.
+    stage, stages, points done, points in the stage, robust points now) when a stage starts
+    (0 done) and after each of its batches.
     Returns clean and per-component robust flags and accuracies, x_adv, times and warnings.
     """
     x = np.asarray(x, np.float32)
@@ -120,6 +121,8 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
         for stage, target_rank in enumerate(stages):
             stage_key = jax.random.fold_in(jax.random.fold_in(key, component), stage)
             attacked = np.flatnonzero(robust)
+            if on_batch is not None:  # the stage starts (its first batch also compiles it)
+                on_batch(name, stage, len(stages), 0, len(attacked), int(robust.sum()))
             for chosen, padded in batches(attacked):
                 adv, still, zero = run(params, put(x[padded]), put(y[padded]),
                                        put(padded.astype(np.int32)),
