@@ -53,7 +53,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, args, 
 def test_help_lists_the_modes_and_flags(flag):
     result = run_main(flag)
     assert result.returncode == 0 and result.stderr == ""
-    for text in ("--mode: <train|eval|analyze|info>", "--attack", "allow_fallback",
+    for text in ("--mode: <train|eval|analyze|export|info>", "--attack", "allow_fallback",
                  "--workdir", "python main.py --config configs/cifar10_resnet18.py"):
         assert text in result.stdout
     assert ("checkpoint_every_steps: 500" in result.stdout) == (flag == "--helpfull")
