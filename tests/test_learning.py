@@ -70,21 +70,19 @@ def test_bfloat16_trains_as_well_as_float32(standard, tmp_path):
     assert mixed["test_pgd20_acc"] > standard["test_pgd20_acc"] + GAP
 
 
-@pytest.mark.parametrize("framework, changes, robust", [
-    ("awp", {"awp_gamma": 0.01}, 0.7),
-    ("ema", {"ema_decay": 0.995}, ROBUST),
-])
-def test_awp_and_ema_runs_train(standard, tmp_path, framework, changes, robust):
+def test_awp_run_trains(standard, tmp_path):
     """PGD-AT with AWP (gamma 0.01, the official AT-AWP value) or EMA (tau 0.995), same short
     run. Measured here over seeds 0-3 (2-core CPU, JAX 0.10.2, 2026-11-28):
       AWP:   clean 0.953-0.970, PGD-20 0.811-0.872
       EMA:   clean 0.987-0.997, PGD-20 0.886-0.912
       plain PGD-AT, same sitting: clean 0.990-0.997, PGD-20 0.916-0.943
     In 8 epochs neither beats plain PGD-AT (AWP regularises: it fits the training set less;
-    the averaged weights lag the last learning-rate drop); the check is that they train: clean
-    accuracy above CLEAN, PGD-20 above `robust` (0.7 for AWP, under its measured 0.811) and
-    GAP over standard training (measured <= 0.609)."""
-    run = short_run(tmp_path, attack_steps=5, **changes)
+    the averaged weights lag the last learning-rate drop). The AWP run is checked here (it
+    changes the gradient the model learns from): clean accuracy above CLEAN, PGD-20 above 0.7
+    (under its measured 0.811) and GAP over standard training (measured <= 0.609). The EMA run
+    is not repeated in CI, to keep the suite under 20 minutes: EMA leaves training untouched
+    and its averages are checked exactly in tests/test_frameworks.py."""
+    run = short_run(tmp_path, attack_steps=5, awp_gamma=0.01)
     assert run["test_clean_acc"] > CLEAN
-    assert run["test_pgd20_acc"] > robust
+    assert run["test_pgd20_acc"] > 0.7
     assert run["test_pgd20_acc"] > standard["test_pgd20_acc"] + GAP
