@@ -13,6 +13,7 @@ Several processes (hosts): the same command on each, with --coordinator_address 
 $JAX_PROCESS_ID; or --config.multihost=True where JAX detects the cluster: TPU, Slurm).
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -140,7 +141,11 @@ def parse_flags(argv):
     """Parse flags; a bad flag or an unknown config key is one line on stderr, exit code 2."""
     asked = [arg.split("=")[0] for arg in argv[1:] if arg.split("=")[0] in HELP_FLAGS]
     if asked:
-        print_help(full="--helpfull" in asked)
+        try:
+            print_help(full="--helpfull" in asked)
+            sys.stdout.flush()
+        except BrokenPipeError:  # e.g. `main.py --help | head`: the reader has had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     try:
         remaining = FLAGS(argv)

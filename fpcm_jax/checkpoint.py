@@ -91,8 +91,10 @@ def json_checksum(content: Any) -> str:
 
 
 def _first_line(error: BaseException) -> str:
+    """The gist of a library's error: its first line, without TensorStore's spec dump."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+    text = lines[0].split(" See full TensorStore details")[0] if lines else ""
+    return f"{type(error).__name__}: {text[:160]}".rstrip(": ")
 
 
 @contextlib.contextmanager
