@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -102,6 +103,7 @@ def _reading_quietly():
     """Report a damaged file once, in our own words: besides raising, orbax and TensorStore
     log it through absl and asyncio, and reads still in flight print tracebacks from other
     threads after the failure (onto an event loop already closed)."""
+    _drop_stray_read_reports()  # before the read: stray reports can come before the raise
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -111,7 +113,6 @@ def _reading_quietly():
         yield
     except Exception:
         failed = True
-        _drop_stray_read_reports()
         raise
     finally:
         for logger, level in zip(loggers, levels):
@@ -137,8 +138,15 @@ def _drop_stray_read_reports() -> None:
         if not any(text in str(report.exc_value) for text in _STRAY_READ_ERRORS):
             previous_unraisablehook(report)
 
+    previous_threading_hook = threading.excepthook
+
+    def threading_excepthook(arguments):
+        if not any(text in str(arguments.exc_value) for text in _STRAY_READ_ERRORS):
+            previous_threading_hook(arguments)
+
     excepthook._drops_stray_reads = True
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    threading.excepthook = threading_excepthook
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                             category=RuntimeWarning)
 

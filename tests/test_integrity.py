@@ -58,9 +58,17 @@ def assert_one_line_damage_error(error, directory):
     assert "\n" not in message and "is damaged" in message and directory in message, message
 
 
-def largest_data_file(directory):
-    data_files = [name for name in files_under(directory) if f"{os.sep}d{os.sep}" in name]
-    return max(data_files, key=lambda name: os.path.getsize(os.path.join(directory, name)))
+def data_files(directory):
+    """The files of orbax's OCDBT databases (arrays and their index; which file holds what,
+    and whether the top-level `d/` repeats process 0's, varies from run to run)."""
+    return [name for name in files_under(directory) if f"{os.sep}d{os.sep}" in name]
+
+
+def some_data_damage_detected(detected, directory):
+    """Damage to the data that a load reads is caught: for each kind of damage, at least one
+    data file's (the one read) is among the detected."""
+    return all(any((name, how) in detected for name in data_files(directory))
+               for how in ("flip", "truncate"))
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +122,7 @@ def test_damaged_model_checkpoint_is_an_error_never_a_different_model(kind, tiny
     assert identical(checkpoint.load_model(saved)[1], variables)
     detected = check_every_file(saved, lambda path: checkpoint.load_model(path)[1], variables,
                                 tmp_path)
-    data_file = largest_data_file(saved)
-    assert {(data_file, "flip"), (data_file, "truncate")} <= detected
+    assert some_data_damage_detected(detected, saved)
     assert {("model.json", "flip"), ("checksums.json", "truncate")} <= detected
 
 
@@ -167,15 +174,14 @@ def test_damaged_training_checkpoint_falls_back_to_the_previous_one(tiny_model, 
             warning = capfd.readouterr().err
             assert f"skipped training checkpoint {work / 'checkpoints' / '2'} is damaged" in warning
             assert "resuming from an older checkpoint" in warning
-    data_file = largest_data_file(os.path.join(saved, newest))
-    assert {(data_file, "flip"), (data_file, "truncate")} <= fell_back
+    assert some_data_damage_detected(fell_back, os.path.join(saved, newest))
     # Both damaged: an error that says what to do, and nothing moved.
     work = tmp_path / "work"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(saved, work)
     for step in ("1", "2"):
-        damage(os.path.join(work, "checkpoints", step, largest_data_file(
-            os.path.join(saved, "checkpoints", step))), "truncate")
+        for name in data_files(os.path.join(saved, "checkpoints", step)):
+            damage(os.path.join(work, "checkpoints", step, name), "truncate")
     with pytest.raises(checkpoint.DamagedCheckpoint, match="No intact training checkpoint.*"
                        "Move .* away to train from the start"):
         checkpoint.RunDirectory(str(work), description).restore_latest(template)
@@ -186,7 +192,8 @@ def test_training_resumes_past_a_truncated_checkpoint(tmp_path, capfd):
     config = tiny_config(train__stop_after_steps=4, train__checkpoint_every_steps=2)
     assert train.train_and_evaluate(config, str(tmp_path))["stopped_at_step"] == 4
     step_4 = os.path.join(str(tmp_path), "checkpoints", "4")
-    damage(os.path.join(step_4, largest_data_file(step_4)), "truncate")
+    for name in data_files(step_4):  # every array file: which one holds what varies by run
+        damage(os.path.join(step_4, name), "truncate")
     capfd.readouterr()
     config = tiny_config(train__stop_after_steps=1, train__checkpoint_every_steps=2)
     assert train.train_and_evaluate(config, str(tmp_path))["stopped_at_step"] == 3
@@ -206,8 +213,8 @@ def test_eval_of_a_damaged_best_model_stops_or_falls_back_when_asked(tiny_model,
     run = checkpoint.RunDirectory(str(workdir), experiment.describe(config))
     run.save_best("best_sum", random_variables(model, 0), {"step": 1, "epoch": 1})
     run.save_best("best_robust", random_variables(model, 1), {"step": 2, "epoch": 2})
-    data_file = largest_data_file(str(workdir / "best_robust"))
-    damage(str(workdir / "best_robust" / data_file), "flip")
+    for name in data_files(str(workdir / "best_robust")):
+        damage(str(workdir / "best_robust" / name), "flip")
     command = ["--config", "configs/tiny.py", "--config.model.widths=8,8,8,8", "--workdir",
                str(workdir), "--mode", "eval", "--attack", "none", "--num_examples", "20"]
     refused = run_main(*command)
