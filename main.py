@@ -71,6 +71,37 @@ def model_overrides(argv, config):
     return {field: config.model[field] for field in fields if field in config.model}
 
 
+def run_mode(mode: str, config, overrides) -> int:
+    """Check the mode's options (config_checks, once), then run it; the exit code."""
+    from fpcm_jax import (analysis, config_checks, evaluate, export, parallel,  # after flags
+                          train)
+    if mode == "info":
+        describe(config)
+    elif mode == "analyze":
+        config_checks.check_analysis(config, FLAGS.checkpoints, FLAGS.labels)
+        result = analysis.run_analysis(config, FLAGS.checkpoints, FLAGS.workdir, FLAGS.labels,
+                                       overrides, FLAGS.allow_fallback)
+        if parallel.is_main_process():
+            print(f"Wrote {result['path']} and {', '.join(result['figures'])}")
+    elif mode == "export":
+        info = export.export(FLAGS.checkpoint or FLAGS.workdir, FLAGS.out)
+        if parallel.is_main_process():
+            print(f"Wrote {FLAGS.out} ({info['name']}, official PyTorch state_dict) and "
+                  f"{FLAGS.out}.json (its model).")
+    elif mode == "eval":
+        names = config_checks.check_evaluation(config, FLAGS.attack, FLAGS.num_examples,
+                                               FLAGS.batch_size, FLAGS.eps, FLAGS.step_size)
+        evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
+                                FLAGS.num_examples, FLAGS.batch_size, FLAGS.eps, FLAGS.seed,
+                                FLAGS.split, step_size=FLAGS.step_size,
+                                model_overrides=overrides, allow_fallback=FLAGS.allow_fallback)
+    else:
+        config_checks.check_training(config)
+        result = train.train_and_evaluate(config, FLAGS.workdir)
+        return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed
+    return 0
+
+
 def main(argv, overrides):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -81,44 +112,16 @@ def main(argv, overrides):
     if FLAGS.mode == "export" and not (FLAGS.out and (FLAGS.checkpoint or FLAGS.workdir)):
         raise app.UsageError("--mode export needs --out model.pt|model.npz and --checkpoint "
                              "(a checkpoint or run directory).")
-    from fpcm_jax import data, evaluate, parallel, train  # none of them starts a backend
+    from fpcm_jax import data, parallel, quiet_reads, train  # none of them starts a backend
+    quiet_reads.drop_late_read_reports()  # a damaged checkpoint is reported once, as one line
     try:
         parallel.setup(config.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
                        FLAGS.process_id)
-        if FLAGS.mode == "info":
-            describe(config)
-            return 0
-        if FLAGS.mode == "analyze":
-            from fpcm_jax import analysis
-            if not FLAGS.checkpoints:
-                raise ValueError("--mode analyze needs --checkpoints A,B,... (run directories "
-                                 "or model checkpoints).")
-            result = analysis.run_analysis(config, FLAGS.checkpoints, FLAGS.workdir, FLAGS.labels,
-                                           overrides, FLAGS.allow_fallback)
-            if parallel.is_main_process():
-                print(f"Wrote {result['path']} and {', '.join(result['figures'])}")
-            return 0
-        if FLAGS.mode == "export":
-            from fpcm_jax import convert
-            info = convert.export(FLAGS.checkpoint or FLAGS.workdir, FLAGS.out)
-            if parallel.is_main_process():
-                print(f"Wrote {FLAGS.out} ({info['name']}, official PyTorch state_dict) and "
-                      f"{FLAGS.out}.json (its model).")
-            return 0
-        if FLAGS.mode == "eval":
-            names = evaluate.parse_attack_names(FLAGS.attack)
-            evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
-                                    FLAGS.num_examples, FLAGS.batch_size, FLAGS.eps, FLAGS.seed,
-                                    FLAGS.split, step_size=FLAGS.step_size,
-                                    model_overrides=overrides,
-                                    allow_fallback=FLAGS.allow_fallback)
-            return 0
-        result = train.train_and_evaluate(config, FLAGS.workdir)
+        return run_mode(FLAGS.mode, config, overrides)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, data.DatasetError,
             train.TrainingError, parallel.SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed
 
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from flops import count_flops  # noqa: E402  (this folder is on sys.path)
-from fpcm_jax import experiment, layers, models, parallel, train  # noqa: E402
+from fpcm_jax import experiment, layers, models, parallel, train_step  # noqa: E402
 
 
 def main():
@@ -41,11 +41,11 @@ def main():
     parser.add_argument("--no-fpcm", action="store_true")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     parser.add_argument("--attack-steps", type=int, default=10)
-    parser.add_argument("--bn-mode", default="train", choices=train.BN_MODES)
+    parser.add_argument("--bn-mode", default="train", choices=train_step.BN_MODES)
     parser.add_argument("--dtype", default="float32", choices=tuple(models.DTYPES))
     parser.add_argument("--fpcm-lowpass", default="auto", choices=layers.LOWPASS_IMPLS)
-    parser.add_argument("--loop", default="auto", choices=tuple(train.ATTACK_LOOPS))
-    parser.add_argument("--loss", default="ce", choices=train.losses.LOSS_NAMES)
+    parser.add_argument("--loop", default="auto", choices=tuple(train_step.ATTACK_LOOPS))
+    parser.add_argument("--loss", default="ce", choices=train_step.losses.LOSS_NAMES)
     parser.add_argument("--awp", type=float, default=0.0, help="AWP gamma: also time AWP")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay (0: off)")
     args = parser.parse_args()
@@ -85,12 +85,12 @@ def time_step(config, batch_size: int, timed_steps: int) -> dict:
     steps_per_epoch = 1000
     mesh = parallel.make_mesh()
     model, spec = experiment.build(config)
-    tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
-    state = jax.device_put(train.create_state(model, tx, jax.random.key(0), spec.image_size,
+    tx, learning_rate = train_step.make_optimizer(config.train, steps_per_epoch)
+    state = jax.device_put(train_step.create_state(model, tx, jax.random.key(0), spec.image_size,
                                               ema=config.train.ema_decay > 0),
                            parallel.replicated(mesh))
-    step = train.jit_train_step(
-        train.make_train_step(model, tx, learning_rate, config, steps_per_epoch), mesh)
+    step = train_step.jit_train_step(
+        train_step.make_train_step(model, tx, learning_rate, config, steps_per_epoch), mesh)
     rng = np.random.default_rng(0)
     sharded = parallel.batch_sharded(mesh)
     batch = {"images": parallel.global_array(

@@ -1,4 +1,5 @@
-"""Shared defaults: the official ResNet-18 + FPCM PGD-AT recipe on CIFAR-10 (SPEC section 2).
+"""Shared defaults: the official ResNet-18 + FPCM PGD-AT recipe on CIFAR-10 (as the authors'
+train.py).
 
 Every experiment config starts from `get_config()` here and overrides what differs. Any field
 can be overridden on the command line, e.g. `--config.train.epochs=10`; an unknown key stops

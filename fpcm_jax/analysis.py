@@ -20,7 +20,6 @@ adding noise or a basis image, so what the model sees is slightly out of band at
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -29,16 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fpcm_jax import checkpoint, data, parallel
+from fpcm_jax import data, layers, loading, parallel, plots
+from fpcm_jax.files import write_json
 
 MAX_RADIUS = float(np.sqrt(0.5))  # the corner of the spectrum, in cycles per pixel
-
-
-def alphas_in(state: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Each FPCM module's alpha, (batch, channels), from a model's mutable 'intermediates'."""
-    return {path[0]: np.asarray(value[0]) for path, value in
-            traverse_util.flatten_dict(state.get("intermediates", {})).items()
-            if path[-1] == "alpha"}
 
 
 def radius_grid(height: int, width: int) -> np.ndarray:
@@ -130,7 +123,7 @@ class Analyzer:
         collected: Dict[str, List[np.ndarray]] = {}
         for start in range(0, len(x), self.batch_size):
             state = apply(self.variables, jnp.asarray(x[start:start + self.batch_size]))
-            for stage, alpha in alphas_in(state).items():
+            for stage, alpha in layers.alphas_in(state).items():
                 collected.setdefault(stage, []).append(alpha)
         return {stage: np.concatenate(parts) for stage, parts in sorted(collected.items())}
 
@@ -200,25 +193,11 @@ def load_checkpoint_model(path: str, config, overrides=None, allow_fallback: boo
                           ) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
     """(model, variables as host arrays, info) for a run directory (its best_robust/) or a
     model checkpoint; the analyses then run on each process's own first device."""
-    model, variables, info, _ = checkpoint.load_model(
+    model, variables, info, _ = loading.load_model(
         path, overrides=overrides, dtype=config.model.dtype,
         fpcm_lowpass=config.model.fpcm_lowpass, allow_fallback=allow_fallback,
         flag="--checkpoints")
     return model, jax.device_get(variables), info
-
-
-def check_settings(settings) -> None:
-    """Clear errors for config.analysis values, before any work."""
-    for name in ("num_examples", "bands", "heatmap_examples", "feature_examples"):
-        if not isinstance(settings[name], int) or settings[name] < 1:
-            raise ValueError(f"--config.analysis.{name}={settings[name]!r} must be an integer "
-                             f">= 1.")
-    if not isinstance(settings.filter_steps, int) or settings.filter_steps < 2:
-        raise ValueError(f"--config.analysis.filter_steps={settings.filter_steps!r} must be an "
-                         f"integer >= 2.")
-    for name in ("noise_l2_norm", "heatmap_l2_norm"):
-        if not settings[name] > 0:
-            raise ValueError(f"--config.analysis.{name}={settings[name]!r} must be positive.")
 
 
 def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
@@ -228,12 +207,7 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
     """All analyses for each checkpoint; writes analysis.json and the PNG plots to workdir
     (process 0 only, when several processes run it)."""
     settings = config.analysis
-    check_settings(settings)
     labels = list(labels) if labels else [_label(p) for p in checkpoint_paths]
-    if len(labels) != len(checkpoint_paths):
-        raise ValueError(f"{len(labels)} labels for {len(checkpoint_paths)} checkpoints.")
-    for path in checkpoint_paths:  # every one exists, before any work
-        checkpoint.model_checkpoints(path, flag="--checkpoints")
     _, _, test_split = data.load_for(config)
     count = min(settings.num_examples, len(test_split))
     x = np.asarray(data.to_float(test_split.images[:count]))
@@ -264,14 +238,11 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
     main = parallel.is_main_process()
     if main:
         os.makedirs(workdir, exist_ok=True)
-        from fpcm_jax import plots
         results["figures"] = plots.write_all(results, workdir)
     for model_result in results["models"].values():
         model_result.pop("_alpha_samples")
     if main:
-        with open(path + ".partial", "w") as handle:
-            json.dump(results, handle, indent=1)
-        os.replace(path + ".partial", path)
+        write_json(path, results, indent=1)
     results["path"] = path
     return results
 

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from fpcm_jax import progress
+from fpcm_jax.files import written_whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +96,8 @@ def prepare(name: str, data_dir: Optional[str], download: bool = True, source_ur
     for split, path in prepared_paths(name, data_dir).items():
         images, labels = splits[split]
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = path[:-len(".npz")] + ".partial.npz"
-        np.savez(partial, images=images.astype(np.uint8), labels=labels.astype(np.int32))
-        os.replace(partial, path)
+        with written_whole(path, "wb") as handle:
+            np.savez(handle, images=images.astype(np.uint8), labels=labels.astype(np.int32))
     print(f"Prepared {name} in {os.path.dirname(prepared_paths(name, data_dir)['train'])} "
           f"({len(splits['train'][1])} training, {len(splits['test'][1])} test images).")
 
@@ -235,8 +235,6 @@ def _read_svhn(paths, image_size):
 def _read_imagenette(paths, image_size):
     from PIL import Image
 
-    from fpcm_jax.data import fit_image
-
     splits = {"train": ([], []), "test": ([], [])}
     with tarfile.open(paths[0]) as archive:
         members = sorted((m for m in archive.getmembers() if m.name.endswith(".JPEG")),
@@ -250,6 +248,22 @@ def _read_imagenette(paths, image_size):
             labels.append(classes.index(wnid))
     return {split: (np.stack(images), np.asarray(labels, np.int32))
             for split, (images, labels) in splits.items()}
+
+
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` and center-crop (Imagenette); CIFAR passes through."""
+    if image.shape[:2] == (size, size):
+        return image
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    resized = np.asarray(Image.fromarray(image).resize(new_size, Image.BILINEAR))
+    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+    return resized[top:top + size, left:left + size]
 
 
 READERS = {"cifar10": _read_cifar10, "cifar100": _read_cifar100, "svhn": _read_svhn,

@@ -1,36 +1,29 @@
-"""The one place that talks to orbax: model checkpoints and training-run directories.
+"""Orbax I/O with checksums: the one place that reads and writes checkpoints.
 
 A model checkpoint is a directory holding `variables/` (an orbax PyTree checkpoint of
 {'params', 'batch_stats'}), `checksums.json` and `model.json` (the model's description,
 `fpcm_jax.experiment`). `model.json` is written last, so a directory without it is incomplete
-and is never loaded. `load_model` is the one way to load a trained model: it builds the model
-from `model.json` and restores the arrays for the devices present now, whatever devices or
-hosts saved them.
+and is never loaded. Arrays are restored replicated over the devices present now, whatever
+devices or hosts saved them. (`fpcm_jax.loading.load_model` builds the model too: the one way
+to load a trained model.)
+
+A training checkpoint (`TrainingCheckpoints`, in a run's `checkpoints/`) holds the whole train
+state and the best validation scores so far; the newest two are kept.
 
 Integrity: every saved tree records a CRC-32 of each array's bytes (with its dtype and shape)
 and of its JSON companions; loading recomputes them, and any difference, unreadable file or
 missing array is a `DamagedCheckpoint` error naming the checkpoint (never a silently different
-model). Resuming training falls back to the newest intact checkpoint (two are kept) and moves
-the damaged ones to `damaged/`; evaluation falls back from `best_robust/` to `best_sum/` only
-when asked (`allow_fallback`). Checkpoints written before checksums existed load unverified,
-with a warning.
-
-A training run directory (`--workdir`) holds `run.json` (the model it trains), `checkpoints/`
-(the latest two train states, for resuming), `best_sum/` and `best_robust/` (model checkpoints
-selected on the validation split), `metrics.jsonl` and, at the end, `summary.json`.
+model). Resuming falls back to the newest intact training checkpoint and moves the damaged ones
+to `damaged/`. Checkpoints written before checksums existed load unverified, with a warning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
-import threading
 import time
-import warnings
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -39,12 +32,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fpcm_jax import experiment, models, parallel
+from fpcm_jax import parallel
+from fpcm_jax.files import write_json
+from fpcm_jax.quiet_reads import first_line, reading_quietly
 
 MODEL_INFO_FILE = "model.json"
 CHECKSUMS_FILE = "checksums.json"
 VARIABLES_DIR = "variables"
-BEST_CHECKPOINTS = ("best_robust", "best_sum")  # a run's best models, in the order eval tries
 KEPT_TRAINING_CHECKPOINTS = 2  # the newest, and one to fall back to if it is damaged
 
 
@@ -91,66 +85,6 @@ def json_checksum(content: Any) -> str:
     return f"{zlib.crc32(json.dumps(content, sort_keys=True).encode()):08x}"
 
 
-def _first_line(error: BaseException) -> str:
-    """The gist of a library's error: its first line, without TensorStore's spec dump."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0].split(" See full TensorStore details")[0] if lines else ""
-    return f"{type(error).__name__}: {text[:160]}".rstrip(": ")
-
-
-@contextlib.contextmanager
-def _reading_quietly():
-    """Report a damaged file once, in our own words: besides raising, orbax and TensorStore
-    log it through absl and asyncio, and reads still in flight print tracebacks from other
-    threads after the failure (onto an event loop already closed)."""
-    _drop_stray_read_reports()  # before the read: stray reports can come before the raise
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    failed = False
-    try:
-        yield
-    except Exception:
-        failed = True
-        raise
-    finally:
-        for logger, level in zip(loggers, levels):
-            if not (failed and logger.name == "asyncio"):  # stragglers log after we return
-                logger.setLevel(level)
-
-
-_STRAY_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array")
-
-
-def _drop_stray_read_reports() -> None:
-    """Filter the late reports of a failed read out of the interpreter's exception hooks
-    (everything else still reaches the previous hooks)."""
-    if getattr(sys.excepthook, "_drops_stray_reads", False):
-        return
-    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
-
-    def excepthook(kind, value, traceback):
-        if not any(text in str(value) for text in _STRAY_READ_ERRORS):
-            previous_excepthook(kind, value, traceback)
-
-    def unraisablehook(report):
-        if not any(text in str(report.exc_value) for text in _STRAY_READ_ERRORS):
-            previous_unraisablehook(report)
-
-    previous_threading_hook = threading.excepthook
-
-    def threading_excepthook(arguments):
-        if not any(text in str(arguments.exc_value) for text in _STRAY_READ_ERRORS):
-            previous_threading_hook(arguments)
-
-    excepthook._drops_stray_reads = True
-    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-    threading.excepthook = threading_excepthook
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                            category=RuntimeWarning)
-
-
 def _check_checksums(found: Dict[str, str], recorded: Dict[str, str], what: str) -> None:
     differing = sorted(k for k in set(found) | set(recorded) if found.get(k) != recorded.get(k))
     if differing:
@@ -193,22 +127,13 @@ def save_variables(directory: str, variables: Dict[str, Any], model_info: Dict[s
     parallel.barrier(f"save_variables:done:{directory}")
 
 
-def write_json(path: str, content: Dict[str, Any]) -> None:
-    """Write a JSON file whole or not at all (flushed to disk before it takes the name)."""
-    with open(path + ".partial", "w") as handle:
-        json.dump(content, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(path + ".partial", path)
-
-
 def _read_json(path: str, what: str) -> Any:
     try:
         with open(path) as handle:
             return json.load(handle)
     except (ValueError, UnicodeDecodeError) as error:
         raise DamagedCheckpoint(f"{what} is damaged: {path} is not valid JSON "
-                                f"({_first_line(error)}).") from None
+                                f"({first_line(error)}).") from None
 
 
 def read_model_info(directory: str) -> Dict[str, Any]:
@@ -235,10 +160,10 @@ def load_variables(directory: str, template: Optional[Dict[str, Any]] = None,
     """
     directory = os.path.abspath(directory)
     model_info = read_model_info(directory)
-    return _restore_variables(directory, model_info, template, mesh), model_info
+    return restore_variables(directory, model_info, template, mesh), model_info
 
 
-def _restore_variables(directory: str, model_info: Dict[str, Any],
+def restore_variables(directory: str, model_info: Dict[str, Any],
                        template: Optional[Dict[str, Any]], mesh) -> Dict[str, Any]:
     """The arrays, verified against checksums.json (when the checkpoint has one)."""
     what = f"checkpoint {directory}"
@@ -271,11 +196,11 @@ def _restore_tree(path: str, what: str, recorded: Optional[Dict[str, str]],
     other than the recorded ones, are a DamagedCheckpoint; a tree of another structure than
     the template (an intact checkpoint of another model) is a ValueError."""
     try:
-        with _reading_quietly(), ocp.StandardCheckpointer() as checkpointer:
+        with reading_quietly(), ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(path).item_metadata.tree
     except Exception as error:  # orbax, TensorStore or JSON errors, whatever the damage
         raise DamagedCheckpoint(f"{what} is damaged: its metadata in {path} cannot be read "
-                                f"({_first_line(error)}).") from None
+                                f"({first_line(error)}).") from None
     if recorded is not None:
         if set(_leaves_by_name(stored)) != set(recorded):
             raise DamagedCheckpoint(f"{what} is damaged: the arrays listed in {path} are not "
@@ -283,11 +208,11 @@ def _restore_tree(path: str, what: str, recorded: Optional[Dict[str, str]],
     if template is not None:
         check_matches(stored, template, fits)
     try:
-        with _reading_quietly(), ocp.StandardCheckpointer() as checkpointer:
+        with reading_quietly(), ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path, make_target(stored))
     except Exception as error:
         raise DamagedCheckpoint(f"{what} is damaged: {path} cannot be read "
-                                f"({_first_line(error)}).") from None
+                                f"({first_line(error)}).") from None
 
 
 def check_matches(variables: Dict[str, Any], template: Dict[str, Any], what: str) -> None:
@@ -301,135 +226,17 @@ def check_matches(variables: Dict[str, Any], template: Dict[str, Any], what: str
                              f"{wanted.get(name, 'absent')} in the model. Check --config.model.")
 
 
-def model_checkpoints(path: str, flag: str = "--checkpoint") -> List[str]:
-    """The model checkpoints `path` names, in the order to try: `path` itself, or a run
-    directory's best models (best_robust/, then best_sum/). A best model whose replacement
-    was interrupted between its two renames is found under its `.old` name."""
-    path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, MODEL_INFO_FILE)):
-        return [path]
-    found = []
-    for name in BEST_CHECKPOINTS:
-        for candidate in (os.path.join(path, name), os.path.join(path, name + ".old")):
-            if os.path.exists(os.path.join(candidate, MODEL_INFO_FILE)):
-                found.append(candidate)
-                break
-    if not found:
-        raise FileNotFoundError(
-            f"No model checkpoint at {path}: neither its {MODEL_INFO_FILE} nor a best "
-            f"checkpoint (best_robust/ or best_sum/) of a training run. Train there first or "
-            f"pass {flag} PATH (a run directory, or a directory written by "
-            f"`python -m fpcm_jax.convert`).")
-    return found
 
 
-def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
-               dtype: str = "float32", fpcm_lowpass: str = "auto", allow_fallback: bool = False,
-               flag: str = "--checkpoint", official: Optional[Dict[str, Any]] = None
-               ) -> Tuple[Any, Dict[str, Any], Dict[str, Any], str]:
-    """(model, variables, model_info, checkpoint directory): the one way to load a trained model.
+class TrainingCheckpoints:
+    """A run's resumable train states (`<workdir>/checkpoints/`), the newest two kept, each
+    with the best validation scores so far; damaged ones are set aside in `<workdir>/damaged/`."""
 
-    The model is built from the checkpoint's own description (`model.json`), never from a
-    config, so evaluation, analysis and export compute the function that was trained.
-    `overrides` are model fields the user gave explicitly (e.g. on the command line): one that
-    contradicts the description stops with an error naming the field; `dtype` and
-    `fpcm_lowpass` only say how the model is computed and may differ from training.
-    A damaged best_robust/ of a run directory is an error, or with `allow_fallback` a warning
-    and best_sum/ is loaded instead. `flag` is the option that named `path`, for messages.
-    `official`: when `path` is an official PyTorch checkpoint file (.pt, .pth, .npz), the
-    description of its model (`experiment.official_description`); it is converted on the fly.
-    """
-    if os.path.isfile(path) and official is not None:
-        return _load_official_file(path, mesh, official, dtype, fpcm_lowpass)
-    candidates = model_checkpoints(path, flag)
-    for index, directory in enumerate(candidates):
-        try:
-            return _load_model_from(directory, mesh, overrides, dtype, fpcm_lowpass)
-        except DamagedCheckpoint as error:
-            if index + 1 == len(candidates):
-                raise
-            if not allow_fallback:
-                raise DamagedCheckpoint(f"{error} Pass --allow_fallback to load "
-                                        f"{candidates[index + 1]} instead.") from None
-            if parallel.is_main_process():
-                print(f"warning: {error} Loading {candidates[index + 1]} instead "
-                      f"(--allow_fallback).", file=sys.stderr)
-    raise AssertionError("unreachable")
-
-
-def _load_official_file(path: str, mesh, description: Dict[str, Any], dtype: str,
-                        fpcm_lowpass: str) -> Tuple[Any, Dict[str, Any], Dict[str, Any], str]:
-    from fpcm_jax import convert
-
-    path = os.path.abspath(path)
-    if not path.endswith(convert.OFFICIAL_FILE_SUFFIXES):
-        raise ValueError(f"{path} is a file but not an official checkpoint (.pt, .pth, .npz); "
-                         f"pass a checkpoint directory or a run directory.")
-    description = {**description, "source": path}
-    model = experiment.model_from_description(description, dtype, fpcm_lowpass)
-    variables = convert.from_official(path, model)
-    sharding = parallel.replicated(mesh or parallel.make_mesh())
-    variables = jax.tree.map(lambda leaf: parallel.global_array(np.asarray(leaf), sharding),
-                             variables)
-    return model, variables, description, path
-
-
-def _load_model_from(directory: str, mesh, overrides: Optional[Dict[str, Any]], dtype: str,
-                     fpcm_lowpass: str) -> Tuple[Any, Dict[str, Any], Dict[str, Any], str]:
-    info = read_model_info(directory)
-    try:
-        description = experiment.complete(info)
-    except (KeyError, TypeError, ValueError) as error:
-        raise DamagedCheckpoint(f"checkpoint {directory} is damaged: its {MODEL_INFO_FILE} "
-                                f"does not describe a model ({_first_line(error)}).") from None
-    for field, value in sorted((overrides or {}).items()):
-        if field in experiment.HOW_COMPUTED or field not in description:
-            continue
-        stored = description[field]
-        if _normalized(value) != _normalized(stored):
-            raise ValueError(f"--config.model.{field}={value!r} contradicts the checkpoint's "
-                             f"{MODEL_INFO_FILE} ({field}={stored!r} in {directory}): the model "
-                             f"is built from the checkpoint. Drop the flag, or choose another "
-                             f"--checkpoint.")
-    model = experiment.model_from_description(description, dtype, fpcm_lowpass)
-    variables = _restore_variables(directory, info, models.variables_template(model), mesh)
-    return model, variables, info, directory
-
-
-def _normalized(value: Any) -> Any:
-    """Sequences as tuples; an empty one is None (`--config.model.widths=()` unsets)."""
-    return (tuple(value) or None) if isinstance(value, (list, tuple)) else value
-
-
-class RunDirectory:
-    """A training run's directory: resumable state, best models, metrics and summary."""
-
-    def __init__(self, workdir: str, model_description: Dict[str, Any]):
-        self.workdir = os.path.abspath(workdir)
-        self.checkpoint_dir = os.path.join(self.workdir, "checkpoints")
-        self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-        self.model_description = model_description
-        self._check_model(model_description)
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            self.checkpoint_dir, options=ocp.CheckpointManagerOptions(
+            self.directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=KEPT_TRAINING_CHECKPOINTS, create=True))
-
-    def _check_model(self, description: Dict[str, Any]) -> None:
-        path = os.path.join(self.workdir, "run.json")
-        if os.path.exists(path):
-            with open(path) as handle:
-                previous = experiment.complete(json.load(handle))  # fields added since: defaults
-            changed = sorted(k for k in set(previous) | set(description)
-                             if previous.get(k) != description.get(k))
-            if changed:
-                detail = "; ".join(f"{k}: {previous.get(k)!r} there, {description.get(k)!r} now"
-                                   for k in changed)
-                raise ValueError(f"--workdir {self.workdir} holds a run of another model "
-                                 f"({detail}). Use a new --workdir, or the same model config.")
-        elif jax.process_index() == 0:
-            os.makedirs(self.workdir, exist_ok=True)
-            write_json(path, description)
-        parallel.barrier(f"run_directory:{self.workdir}")  # run.json exists for everyone
 
     def restore_latest(self, state: Any) -> Tuple[Any, Dict[str, float]]:
         """(state, best scores) from the newest intact checkpoint, or the given state and {}.
@@ -450,24 +257,24 @@ class RunDirectory:
             return state, best
         if damaged:
             reasons = " ".join(str(error) for _, error in damaged)
-            raise DamagedCheckpoint(f"No intact training checkpoint in {self.checkpoint_dir}: "
-                                    f"{reasons} Move {self.checkpoint_dir} away to train from "
+            raise DamagedCheckpoint(f"No intact training checkpoint in {self.directory}: "
+                                    f"{reasons} Move {self.directory} away to train from "
                                     f"the start (best_*/ are kept), or restore it from a copy.")
         return state, {}
 
     def _restore_step(self, step: int, state: Any) -> Tuple[Any, Dict[str, float]]:
-        step_dir = os.path.join(self.checkpoint_dir, str(step))
+        step_dir = os.path.join(self.directory, str(step))
         what = f"training checkpoint {step_dir}"
         checksums_dir = os.path.join(step_dir, "checksums")
         items = {"best": ocp.args.JsonRestore()}
         if os.path.isdir(checksums_dir):
             items["checksums"] = ocp.args.JsonRestore()
         try:
-            with _reading_quietly():
+            with reading_quietly():
                 stored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:
             raise DamagedCheckpoint(f"{what} is damaged: its JSON items cannot be read "
-                                    f"({_first_line(error)}).") from None
+                                    f"({first_line(error)}).") from None
         recorded = stored.get("checksums") if "checksums" in items else None
         best = stored["best"]
         if recorded is None:
@@ -480,7 +287,7 @@ class RunDirectory:
             _check_checksums({"best": json_checksum(best)}, {"best": recorded.get("best")}, what)
         restored = _restore_tree(os.path.join(step_dir, "state"), what,
                                  recorded and recorded["arrays"], state,
-                                 f"{what} (of --workdir {self.workdir})",
+                                 f"{what} (of --workdir {os.path.dirname(self.directory)})",
                                  lambda _: jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
         if recorded is not None:
             _check_checksums(array_checksums(restored), recorded["arrays"], what)
@@ -491,18 +298,18 @@ class RunDirectory:
         not find its damaged namesake), keeping them for inspection."""
         if not damaged:
             return
-        aside = os.path.join(self.workdir, "damaged")
+        aside = os.path.join(os.path.dirname(self.directory), "damaged")
         if parallel.is_main_process():
             os.makedirs(aside, exist_ok=True)
             for step, error in damaged:
                 target = os.path.join(aside, f"checkpoint_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(os.path.join(self.checkpoint_dir, str(step)), target)
+                os.replace(os.path.join(self.directory, str(step)), target)
                 print(f"warning: skipped {error} Moved it to {target}; resuming from an older "
                       f"checkpoint.", file=sys.stderr)
-        parallel.barrier(f"set_aside:{self.workdir}")
+        parallel.barrier(f"set_aside:{self.directory}")
         self.manager.reload()
 
-    def save_latest(self, state: Any, best: Dict[str, float]) -> None:
+    def save(self, state: Any, best: Dict[str, float]) -> None:
         step = int(state.step)
         if self.manager.latest_step() == step:
             return
@@ -512,30 +319,3 @@ class RunDirectory:
             state=ocp.args.StandardSave(state), best=ocp.args.JsonSave(best),
             checksums=ocp.args.JsonSave(checksums)))
         self.manager.wait_until_finished()  # the next step donates the buffers being saved
-
-    def save_best(self, name: str, variables: Dict[str, Any], record: Dict[str, Any]) -> None:
-        info = dict(self.model_description, selected_by=name, **record)
-        save_variables(os.path.join(self.workdir, name), variables, info, replace=True)
-
-    def start_metrics(self, start_step: int) -> None:
-        """Drop metric lines past the step we resume from (they will be written again)."""
-        if jax.process_index() or not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as handle:
-            kept = [line for line in handle if json.loads(line).get("step", 0) <= start_step]
-        with open(self.metrics_path, "w") as handle:
-            handle.writelines(kept)
-
-    def log_metrics(self, record: Dict[str, Any]) -> None:
-        if jax.process_index() == 0:
-            with open(self.metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def write_summary(self, summary: Dict[str, Any]) -> None:
-        if jax.process_index() == 0:
-            write_json(os.path.join(self.workdir, "summary.json"), summary)
-
-    def listing(self) -> List[str]:
-        names = ["checkpoints", *reversed(BEST_CHECKPOINTS)]
-        return [os.path.join(self.workdir, n) for n in names
-                if os.path.exists(os.path.join(self.workdir, n))]

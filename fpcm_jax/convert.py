@@ -24,8 +24,9 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from fpcm_jax import models
+from fpcm_jax import checkpoint, experiment, models, parallel
 
+OFFICIAL_FILE_SUFFIXES = (".pt", ".pth", ".npz")
 IGNORED_SUFFIXES = ("learnable_freq_control", "num_batches_tracked")
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
@@ -161,7 +162,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory for the orbax checkpoint")
     args = parser.parse_args(argv)
 
-    from fpcm_jax import checkpoint, experiment, parallel
     parallel.setup()
     try:
         model_info = experiment.official_description(args.model, args.num_classes,
@@ -181,38 +181,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-OFFICIAL_FILE_SUFFIXES = (".pt", ".pth", ".npz")
-
-
-def export(checkpoint_path: str, out: str) -> Dict[str, Any]:
-    """Write a checkpoint's model as the official PyTorch class's state_dict: `out` ending in
-    .npz (numpy arrays named as the state_dict) or .pt/.pth (torch tensors; needs torch), and
-    `<out>.json`, the model's description. Returns the description."""
-    from fpcm_jax import checkpoint, parallel
-
-    if not out.endswith(OFFICIAL_FILE_SUFFIXES):
-        raise ValueError(f"--out {out!r} must end in .pt, .pth or .npz.")
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} exists; choose another --out or delete it first.")
-    torch = None
-    if not out.endswith(".npz"):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"Writing {out} needs PyTorch (`pip install torch`); or write "
-                              f"--out model.npz, which torch reads as shown in the README.") from None
-    model, variables, info, directory = checkpoint.load_model(checkpoint_path)
-    state = to_official(jax.device_get(variables))
-    if parallel.is_main_process():
-        os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-        partial = out + ".partial"
-        with open(partial, "wb") as handle:
-            if torch is None:
-                np.savez(handle, **state)
-            else:
-                torch.save({name: torch.from_numpy(value) for name, value in state.items()},
-                           handle)
-        checkpoint.write_json(out + ".json", {**info, "exported_from": directory})
-        os.replace(partial, out)
-    return info

@@ -1,4 +1,4 @@
-"""Datasets as in-memory uint8 arrays, and on-device augmentation.
+"""Datasets as in-memory uint8 arrays, on-device augmentation, and the training batches.
 
 Each split is read once into NHWC uint8 numpy arrays; training keeps them on the accelerators
 and gathers batches by index inside the jitted step. Where the splits come from, first found:
@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+from fpcm_jax import archives, parallel
+from fpcm_jax.models.common import CIFAR10_MEAN, CIFAR10_STD
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -145,8 +147,6 @@ def _load_digits(image_size: int) -> Tuple[Split, Split]:
 
 def _load_official(name: str, spec: DatasetSpec, data_dir: Optional[str], prepare: bool,
                    download: bool, source_url: str, source_sha256: str) -> Tuple[Split, Split]:
-    from fpcm_jax import archives
-
     if not archives.is_prepared(name, data_dir):
         tfds_splits = [_load_tfds(spec, split, data_dir, prepare)
                        for split in (spec.train_split, spec.test_split)]
@@ -187,25 +187,9 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str],
     images, labels = [], []
     for index in range(len(source)):
         example = source[index]
-        images.append(fit_image(np.asarray(example["image"]), spec.image_size))
+        images.append(archives.fit_image(np.asarray(example["image"]), spec.image_size))
         labels.append(int(example["label"]))
     return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
-
-
-def fit_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` and center-crop (Imagenette); CIFAR passes through."""
-    if image.shape[:2] == (size, size):
-        return image
-    if image.ndim == 2 or image.shape[-1] == 1:
-        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
-    from PIL import Image
-
-    height, width = image.shape[:2]
-    scale = size / min(height, width)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    resized = np.asarray(Image.fromarray(image).resize(new_size, Image.BILINEAR))
-    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
-    return resized[top:top + size, left:left + size]
 
 
 def augment(images: jax.Array, key: jax.Array, padding: int = 4, flip: bool = True) -> jax.Array:
@@ -243,3 +227,62 @@ def normalization(kind: str, spec: DatasetSpec) -> Tuple[Optional[Sequence[float
     if kind == "dataset":
         return spec.mean, spec.std
     raise ValueError(f"Unknown model.normalization {kind!r}; use none, cifar10 or dataset.")
+
+
+class Batches:
+    """The training batches, gathered by index inside a jitted function from the datasets held
+    on the devices (uint8, replicated). Each epoch permutes the training split (seeded by
+    (seed, epoch), so a resumed run sees the same batches); with extra data, a share
+    `extra_fraction` of every batch comes from it (its own permutation per epoch, cycled when
+    an epoch needs more), after the training images; an epoch then covers the training split
+    once. The gather also returns whether any process has been told to stop: every process
+    reads the same vote for the same step, without an extra collective or host sync."""
+
+    def __init__(self, train_split: Split, extra: Optional[Split], batch_size: int,
+                 extra_fraction: float, seed: int):
+        self.split, self.extra, self.seed = train_split, extra, seed
+        self.extra_count = round(batch_size * extra_fraction) if extra is not None else 0
+        self.main_count = batch_size - self.extra_count
+        self.steps_per_epoch = len(train_split) // self.main_count  # the last partial dropped
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--config.train.batch_size={batch_size} exceeds the "
+                             f"{len(train_split)} training images.")
+        self._orders = {}
+
+    def place(self, mesh) -> None:
+        repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+        self._repl, self._sharded = repl, sharded
+        self._arrays = [parallel.global_array(a, repl)
+                        for a in (self.split.images, self.split.labels)]
+        if self.extra is None:
+            self._gather = jax.jit(lambda imgs, lbls, idx, votes: (
+                {"images": imgs[idx], "labels": lbls[idx]}, jnp.any(votes)),
+                out_shardings=(sharded, repl))
+            return
+        self._arrays += [parallel.global_array(a, repl)
+                         for a in (self.extra.images, self.extra.labels)]
+        self._gather = jax.jit(lambda imgs, lbls, extra_imgs, extra_lbls, idx, extra_idx, votes: (
+            {"images": jnp.concatenate([imgs[idx], extra_imgs[extra_idx]]),
+             "labels": jnp.concatenate([lbls[idx], extra_lbls[extra_idx]])}, jnp.any(votes)),
+            out_shardings=(sharded, repl))
+
+    def indices(self, epoch: int, position: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """(training-split indices, extra-data indices or None) of a step's batch."""
+        if epoch not in self._orders:
+            self._orders = {epoch: (
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.split)),
+                None if self.extra is None else
+                np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.extra)))}
+        order, extra_order = self._orders[epoch]
+        main = order[position * self.main_count:(position + 1) * self.main_count]
+        if extra_order is None:
+            return main, None
+        picks = (position * self.extra_count + np.arange(self.extra_count)) % len(extra_order)
+        return main, extra_order[picks]
+
+    def gather(self, epoch: int, position: int, votes: jax.Array):
+        main, extra = self.indices(epoch, position)
+        if extra is None:
+            return self._gather(*self._arrays, parallel.global_array(main, self._sharded), votes)
+        return self._gather(*self._arrays, parallel.global_array(main, self._repl),
+                            parallel.global_array(extra, self._repl), votes)

@@ -22,9 +22,9 @@ RESNET_ONLY = ("widths", "stage_sizes")
 
 
 def official_model_section(name: str) -> Dict[str, Any]:
-    """The model fields an official checkpoint implies (SPEC section 1): ResNet-18 takes raw
-    inputs and anneals the cutoff from P/2 to P/8; the WRN normalises with CIFAR-10 statistics
-    and keeps P/8."""
+    """The model fields an official checkpoint implies (as the authors' code builds it):
+    ResNet-18 takes raw inputs and anneals the cutoff from P/2 to P/8; the WRN normalises with
+    CIFAR-10 statistics and keeps P/8."""
     is_wrn = name.lower().startswith("wrn")
     return {"name": name, "fpcm": True, "fpcm_variant": "tokens",
             "cutoff_start": 0.125 if is_wrn else 0.5, "cutoff_end": 0.125,

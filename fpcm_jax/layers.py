@@ -24,13 +24,13 @@ uses start 1/2, end 1/8 with progress = epoch / 120; the official WRN a fixed 1/
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import nnx
+from flax import nnx, traverse_util
 
 FILTER_VARIANTS = ("tokens", "spatial")
 WEIGHT_GENERATORS = ("depthwise", "dense")
@@ -312,3 +312,10 @@ class NNXFPCM(nnx.Module):
         else:
             projected = pooled * self.kernel[...] + self.bias[...]
         return mix_frequencies(x, low, frequency_alpha(projected))
+
+
+def alphas_in(state: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Each FPCM module's alpha, (batch, channels), from a model's mutable 'intermediates'."""
+    return {path[0]: np.asarray(value[0]) for path, value in
+            traverse_util.flatten_dict(state.get("intermediates", {})).items()
+            if path[-1] == "alpha"}

@@ -1,15 +1,23 @@
-"""PNG figures of `analysis.run_analysis` results (matplotlib, no display needed)."""
+"""PNG figures of `analysis.run_analysis` results and a run's training curves (matplotlib's
+object API: no display, no global backend chosen at import)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, List
 
-import matplotlib
+import json
+import math
+from typing import Tuple
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend, nothing to close
+
+
+def _figure(figsize: Tuple[float, float], rows: int = 1, columns: int = 1, **options):
+    """(figure, axes) as pyplot.subplots gives them, on a Figure of its own."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, **options)
 
 
 def write_all(results: Dict[str, Any], workdir: str) -> List[str]:
@@ -23,7 +31,6 @@ def write_all(results: Dict[str, Any], workdir: str) -> List[str]:
             continue
         path = os.path.join(workdir, name)
         figure.savefig(path, dpi=90, bbox_inches="tight")
-        plt.close(figure)
         paths.append(path)
     return paths
 
@@ -32,7 +39,7 @@ def alpha_distribution(results):
     models = {k: v for k, v in results["models"].items() if v["_alpha_samples"]}
     if not models:
         return None, None
-    figure, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.4), squeeze=False)
+    figure, axes = _figure((4.5 * len(models), 3.4), 1, len(models), squeeze=False)
     for axis, (label, result) in zip(axes[0], models.items()):
         stages = list(result["_alpha_samples"])
         axis.violinplot([result["_alpha_samples"][s].ravel() for s in stages], showmeans=True)
@@ -45,7 +52,7 @@ def alpha_distribution(results):
 
 
 def band_noise(results):
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    figure, axis = _figure((5.5, 3.6))
     bands = results["settings"]["bands"]
     centres = (np.arange(bands) + 0.5) * np.sqrt(0.5) / bands
     for label, result in results["models"].items():
@@ -58,7 +65,7 @@ def band_noise(results):
 
 
 def filtered_accuracy(results):
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    figure, axes = _figure((10, 3.6), 1, 2, sharey=True)
     for label, result in results["models"].items():
         for axis, kind in zip(axes, ("lowpass", "highpass")):
             axis.plot(results["filter_radii"], result["filtered_accuracy"][kind], marker=".",
@@ -73,7 +80,7 @@ def filtered_accuracy(results):
 
 def fourier_heat_maps(results):
     models = results["models"]
-    figure, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.4), squeeze=False)
+    figure, axes = _figure((3.8 * len(models), 3.4), 1, len(models), squeeze=False)
     for axis, (label, result) in zip(axes[0], models.items()):
         heat = np.asarray(result["fourier_heat_map"])
         rows, columns = heat.shape  # fftshifted: index i is frequency i - size // 2
@@ -90,7 +97,7 @@ def fourier_heat_maps(results):
 
 
 def feature_spectrum(results):
-    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    figure, axis = _figure((6.5, 3.6))
     bars = []
     for label, result in results["models"].items():
         for stage, shares in result["feature_high_frequency_share"].items():
@@ -116,9 +123,6 @@ def feature_spectrum(results):
 def training_curves(metrics_path: str, out_path: str) -> str:
     """curves.png from a run's metrics.jsonl: per epoch, the mean training loss, training
     clean and adversarial accuracy, validation clean and robust accuracy, and learning rate."""
-    import json
-    import math
-
     steps, validation = {}, {}
     with open(metrics_path) as handle:
         for record in map(json.loads, handle):
@@ -128,7 +132,7 @@ def training_curves(metrics_path: str, out_path: str) -> str:
                 validation[record["epoch"]] = record
     epochs = sorted(steps)
     mean = lambda key: [np.mean([r[key] for r in steps[e]]) for e in epochs]
-    figure, (loss_axis, accuracy_axis, lr_axis) = plt.subplots(1, 3, figsize=(14, 3.6))
+    figure, (loss_axis, accuracy_axis, lr_axis) = _figure((14, 3.6), 1, 3)
     loss_axis.plot(epochs, mean("loss"), marker=".")
     loss_axis.set_ylabel("training loss (mean over the epoch)")
     accuracy_axis.plot(epochs, mean("clean_acc"), marker=".", label="train, clean")
@@ -146,5 +150,4 @@ def training_curves(metrics_path: str, out_path: str) -> str:
     for axis in (loss_axis, accuracy_axis, lr_axis):
         axis.set_xlabel("epoch")
     figure.savefig(out_path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
     return out_path

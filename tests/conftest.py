@@ -72,12 +72,12 @@ def read_train_state(workdir, config):
     """The latest training state saved in a run directory, as host arrays."""
     import jax
 
-    from fpcm_jax import checkpoint, experiment, train
+    from fpcm_jax import experiment, run_dir, train_step
 
     model, spec = experiment.build(config)
-    tx, _ = train.make_optimizer(config.train, 10)
-    template = train.create_state(model, tx, jax.random.key(0), spec.image_size,
+    tx, _ = train_step.make_optimizer(config.train, 10)
+    template = train_step.create_state(model, tx, jax.random.key(0), spec.image_size,
                                   ema=config.train.ema_decay > 0)
-    run = checkpoint.RunDirectory(workdir, experiment.describe(config))
-    state, _ = run.restore_latest(template)
+    run = run_dir.RunDirectory(workdir, experiment.describe(config))
+    state, _ = run.checkpoints.restore_latest(template)
     return jax.device_get(state)

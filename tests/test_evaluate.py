@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, train_tiny_run
-from fpcm_jax import checkpoint, data, evaluate, experiment, models
+from fpcm_jax import checkpoint, config_checks, data, evaluate, experiment, models
 
 
 def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
@@ -53,12 +53,9 @@ def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
     ("eps", -0.03, "--eps=-0.03 must lie in"),
     ("step_size", 2.0, "--step_size=2.0 must lie in"),
 ])
-def test_bad_eval_options_stop_before_anything_is_loaded_or_written(tmp_path, option, value,
-                                                                    message):
-    config = tiny_config()
+def test_bad_eval_options_are_refused(option, value, message):
     with pytest.raises(ValueError, match=message):
-        evaluate.run_evaluation(config, str(tmp_path / "eval"), ["pgd3"], **{option: value})
-    assert not os.path.exists(tmp_path / "eval")
+        config_checks.check_evaluation(tiny_config(), "pgd3", **{option: value})
 
 
 def test_an_interrupted_autoattack_keeps_the_components_it_finished(tmp_path, monkeypatch):

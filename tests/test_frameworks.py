@@ -1,7 +1,6 @@
 """The paper's training frameworks: AWP, EMA, label smoothing, Nesterov momentum and extra data,
 each checked against a direct computation of its definition."""
 
-import os
 
 import chex
 import jax
@@ -11,16 +10,16 @@ import optax
 import pytest
 
 from conftest import needs_four_devices, read_train_state, tiny_config
-from fpcm_jax import data, experiment, losses, parallel, train
+from fpcm_jax import config_checks, data, experiment, losses, parallel, train, train_step
 
 
 def one_step_setup(config, ema=False):
     model, spec = experiment.build(config)
-    tx, learning_rate = train.make_optimizer(config.train, 10)
-    state = train.create_state(model, tx, jax.random.key(0), spec.image_size, ema=ema)
+    tx, learning_rate = train_step.make_optimizer(config.train, 10)
+    state = train_step.create_state(model, tx, jax.random.key(0), spec.image_size, ema=ema)
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(16, dtype=np.int32) % 10
-    step = jax.jit(train.make_train_step(model, tx, learning_rate, config, 10))
+    step = jax.jit(train_step.make_train_step(model, tx, learning_rate, config, 10))
     return model, state, {"images": images, "labels": labels}, step
 
 
@@ -37,7 +36,7 @@ def test_awp_step_is_the_official_procedure():
     gamma, config = 0.01, plain_config(train__awp_gamma=0.01, train__weight_decay=5e-4)
     model, state, batch, step = one_step_setup(config)
     x, y = batch["images"].astype(np.float32) / 255, batch["labels"]
-    progress = train.cutoff_progress(0, 10, config.train.epochs, "epoch")
+    progress = train_step.cutoff_progress(0, 10, config.train.epochs, "epoch")
 
     def loss_at(params):
         logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
@@ -66,7 +65,7 @@ def test_awp_step_is_the_official_procedure():
                             params, perturbed, grads_there)
     new_state, _ = step(state, batch, jax.random.key(1))
     chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
-    ours = train.awp_perturbation(params, grads, gamma)
+    ours = train_step.awp_perturbation(params, grads, gamma)
     chex.assert_trees_all_close(ours, jax.tree_util.tree_map_with_path(
         lambda p, _: perturbation[jax.tree_util.keystr(p)], params), rtol=1e-6, atol=1e-9)
 
@@ -127,8 +126,8 @@ def test_ema_survives_stop_and_resume_and_is_what_is_evaluated(tmp_path):
     chex.assert_trees_all_equal(state_whole.ema_batch_stats, state_parts.ema_batch_stats)
     assert resumed["test_clean_acc"] == whole["test_clean_acc"]
     # The best model (one epoch: the final step) holds the EMA weights, not the trained ones.
-    from fpcm_jax import checkpoint
-    _, best, _, _ = checkpoint.load_model(str(tmp_path / "whole"))
+    from fpcm_jax import loading
+    _, best, _, _ = loading.load_model(str(tmp_path / "whole"))
     chex.assert_trees_all_equal(jax.device_get(best["params"]), state_whole.ema_params)
     assert not np.array_equal(state_whole.ema_params["linear"]["kernel"],
                               state_whole.params["linear"]["kernel"])
@@ -150,7 +149,7 @@ def test_label_smoothing_is_pytorchs_formula():
 def test_nesterov_is_pytorchs_sgd():
     """PyTorch SGD(nesterov=True): g += wd * w; buf = m * buf + g; w -= lr * (g + m * buf)."""
     config = tiny_config(train__nesterov=True, train__warmup_epochs=0, train__weight_decay=1e-3)
-    tx, learning_rate = train.make_optimizer(config.train, 10)
+    tx, learning_rate = train_step.make_optimizer(config.train, 10)
     w = {"w": jnp.asarray([1.0, -2.0, 0.5])}
     state = tx.init(w)
     buf = np.zeros(3)
@@ -175,7 +174,7 @@ def test_extra_data_fills_its_share_of_every_batch_with_its_labels(tmp_path):
     extra = data.load_extra(str(tmp_path), spec, "digits")
     np.testing.assert_array_equal(extra.labels, extra_labels)
     train_split, _, _ = data.load("digits", validation_size=100)
-    batches = train.Batches(train_split, extra, 32, 0.7, seed=0)
+    batches = data.Batches(train_split, extra, 32, 0.7, seed=0)
     assert (batches.main_count, batches.extra_count) == (10, 22)
     assert batches.steps_per_epoch == len(train_split) // 10
     batches.place(parallel.make_mesh())
@@ -217,20 +216,19 @@ def test_a_run_with_extra_data_trains(tmp_path):
     ({"train__awp_gamma": -0.01}, "awp_gamma=-0.01 must lie in"),
     ({"model__activation": "gelu"}, "activation='gelu' is not valid"),
 ])
-def test_framework_options_are_validated(tmp_path, changes, message):
+def test_framework_options_are_validated(changes, message):
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(tiny_config(**changes), str(tmp_path / "run"))
-    assert not os.path.exists(tmp_path / "run")
+        config_checks.check_training(tiny_config(**changes))
 
 
 def test_no_retrace_with_awp_and_ema_across_the_warm_up():
     config = plain_config(train__awp_gamma=0.01, train__awp_warmup_epochs=1,
                           train__ema_decay=0.9)
     model, spec = experiment.build(config)
-    tx, learning_rate = train.make_optimizer(config.train, 2)
-    state = train.create_state(model, tx, jax.random.key(0), spec.image_size, ema=True)
+    tx, learning_rate = train_step.make_optimizer(config.train, 2)
+    state = train_step.create_state(model, tx, jax.random.key(0), spec.image_size, ema=True)
     batch = one_step_setup(config)[2]
-    step_fn = chex.assert_max_traces(train.make_train_step(model, tx, learning_rate, config, 2),
+    step_fn = chex.assert_max_traces(train_step.make_train_step(model, tx, learning_rate, config, 2),
                                      n=1)
     step = jax.jit(step_fn)
     for _ in range(5):  # epochs 0 (no AWP), 1 and 2 (AWP)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fpcm_jax import checkpoint, convert, experiment, models, train
+from fpcm_jax import checkpoint, convert, experiment, loading, models, run_dir, train, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +110,7 @@ def test_damaged_model_checkpoint_is_an_error_never_a_different_model(kind, tiny
     if kind == "best":
         config, model = tiny_model
         variables = random_variables(model, 0)
-        run = checkpoint.RunDirectory(str(tmp_path / "run"), experiment.describe(config))
+        run = run_dir.RunDirectory(str(tmp_path / "run"), experiment.describe(config))
         run.save_best("best_robust", variables, {"step": 1, "epoch": 1})
         saved = str(tmp_path / "run" / "best_robust")
     else:
@@ -119,8 +119,8 @@ def test_damaged_model_checkpoint_is_an_error_never_a_different_model(kind, tiny
         variables = convert.from_official(state_dict, experiment.model_from_description(info))
         saved = str(tmp_path / "converted")
         checkpoint.save_variables(saved, variables, info)  # as `python -m fpcm_jax.convert`
-    assert identical(checkpoint.load_model(saved)[1], variables)
-    detected = check_every_file(saved, lambda path: checkpoint.load_model(path)[1], variables,
+    assert identical(loading.load_model(saved)[1], variables)
+    detected = check_every_file(saved, lambda path: loading.load_model(path)[1], variables,
                                 tmp_path)
     assert some_data_damage_detected(detected, saved)
     assert {("model.json", "flip"), ("checksums.json", "truncate")} <= detected
@@ -134,13 +134,13 @@ def test_arrays_swapped_under_their_checksums_are_caught(tiny_model, tmp_path):
     shutil.rmtree(os.path.join(first, "variables"))
     shutil.copytree(os.path.join(second, "variables"), os.path.join(first, "variables"))
     with pytest.raises(checkpoint.DamagedCheckpoint, match="does not match the checksum"):
-        checkpoint.load_model(first)
+        loading.load_model(first)
 
 
 def make_state(config, model, value):
     """A train state of step `value` whose arrays are random numbers drawn from seed `value`."""
-    tx, _ = train.make_optimizer(config.train, 10)
-    state = train.create_state(model, tx, jax.random.key(0), 32)
+    tx, _ = train_step.make_optimizer(config.train, 10)
+    state = train_step.create_state(model, tx, jax.random.key(0), 32)
     rng = np.random.default_rng(value)
     state = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(leaf.dtype), state)
     return state.replace(step=np.asarray(value, np.int32))
@@ -151,9 +151,9 @@ def test_damaged_training_checkpoint_falls_back_to_the_previous_one(tiny_model, 
     config, model = tiny_model
     description = experiment.describe(config)
     saved = str(tmp_path / "saved")
-    run = checkpoint.RunDirectory(saved, description)
-    run.save_latest(make_state(config, model, 1), {"sum": 0.5})
-    run.save_latest(make_state(config, model, 2), {"sum": 0.75})
+    run = run_dir.RunDirectory(saved, description)
+    run.checkpoints.save(make_state(config, model, 1), {"sum": 0.5})
+    run.checkpoints.save(make_state(config, model, 2), {"sum": 0.75})
     template = make_state(config, model, 0)
     newest = os.path.join("checkpoints", "2")
     fell_back = set()
@@ -163,7 +163,7 @@ def test_damaged_training_checkpoint_falls_back_to_the_previous_one(tiny_model, 
             shutil.rmtree(work, ignore_errors=True)
             shutil.copytree(saved, work)
             damage(os.path.join(work, newest, name), how)
-            state, best = checkpoint.RunDirectory(str(work), description).restore_latest(template)
+            state, best = run_dir.RunDirectory(str(work), description).checkpoints.restore_latest(template)
             if int(state.step) == 2:
                 assert identical(state, make_state(config, model, 2)) and best == {"sum": 0.75}
                 continue
@@ -184,7 +184,7 @@ def test_damaged_training_checkpoint_falls_back_to_the_previous_one(tiny_model, 
             damage(os.path.join(work, "checkpoints", step, name), "truncate")
     with pytest.raises(checkpoint.DamagedCheckpoint, match="No intact training checkpoint.*"
                        "Move .* away to train from the start"):
-        checkpoint.RunDirectory(str(work), description).restore_latest(template)
+        run_dir.RunDirectory(str(work), description).checkpoints.restore_latest(template)
     assert sorted(os.listdir(work / "checkpoints")) == ["1", "2"]
 
 
@@ -210,7 +210,7 @@ def run_main(*args):
 def test_eval_of_a_damaged_best_model_stops_or_falls_back_when_asked(tiny_model, tmp_path):
     config, model = tiny_model
     workdir = tmp_path / "run"
-    run = checkpoint.RunDirectory(str(workdir), experiment.describe(config))
+    run = run_dir.RunDirectory(str(workdir), experiment.describe(config))
     run.save_best("best_sum", random_variables(model, 0), {"step": 1, "epoch": 1})
     run.save_best("best_robust", random_variables(model, 1), {"step": 2, "epoch": 2})
     for name in data_files(str(workdir / "best_robust")):
@@ -236,18 +236,18 @@ import sys
 sys.path.insert(0, "tests")
 import numpy as np
 from conftest import tiny_config
-from fpcm_jax import checkpoint, experiment, parallel
+from fpcm_jax import checkpoint, experiment, parallel, run_dir
 from test_integrity import make_state
 parallel.setup()
 config = tiny_config()
 model, _ = experiment.build(config)
-run = checkpoint.RunDirectory(sys.argv[1], experiment.describe(config))
+run = run_dir.RunDirectory(sys.argv[1], experiment.describe(config))
 template = make_state(config, model, 0)
-state, best = run.restore_latest(template)
+state, best = run.checkpoints.restore_latest(template)
 start = int(state.step)
 print("resumed", start, flush=True)
 for value in range(start + 1, start + 10_000):
-    run.save_latest(make_state(config, model, value), {"sum": float(value)})
+    run.checkpoints.save(make_state(config, model, value), {"sum": float(value)})
     variables = make_state(config, model, value)
     run.save_best("best_sum", {"params": variables.params, "batch_stats": variables.batch_stats},
                   {"step": value})
@@ -282,13 +282,13 @@ def test_killed_while_saving_the_next_run_resumes_from_an_intact_checkpoint(tiny
             process.wait(timeout=60)
         finally:
             process.kill()
-        run = checkpoint.RunDirectory(workdir, experiment.describe(config))
-        state, best = run.restore_latest(make_state(config, model, 0))
+        run = run_dir.RunDirectory(workdir, experiment.describe(config))
+        state, best = run.checkpoints.restore_latest(make_state(config, model, 0))
         restored = int(state.step)
         assert restored in (last_saved, last_saved + 1)
         assert identical(state, make_state(config, model, restored))
         assert best == {"sum": float(restored)}
-        _, variables, info, _ = checkpoint.load_model(workdir)
+        _, variables, info, _ = loading.load_model(workdir)
         assert info["step"] in (last_saved, last_saved + 1)
         assert identical(variables["params"], make_state(config, model, info["step"]).params)
         last_saved = restored
@@ -296,11 +296,11 @@ def test_killed_while_saving_the_next_run_resumes_from_an_intact_checkpoint(tiny
 
 def test_a_best_model_swap_cut_between_its_renames_is_recovered(tiny_model, tmp_path):
     config, model = tiny_model
-    run = checkpoint.RunDirectory(str(tmp_path), experiment.describe(config))
+    run = run_dir.RunDirectory(str(tmp_path), experiment.describe(config))
     first, second = random_variables(model, 0), random_variables(model, 1)
     run.save_best("best_sum", first, {"step": 1})
     os.replace(tmp_path / "best_sum", tmp_path / "best_sum.old")  # killed between the renames
-    assert identical(checkpoint.load_model(str(tmp_path))[1], first)
+    assert identical(loading.load_model(str(tmp_path))[1], first)
     run.save_best("best_sum", second, {"step": 2})
     assert sorted(os.listdir(tmp_path)) == ["best_sum", "checkpoints", "run.json"]
-    assert identical(checkpoint.load_model(str(tmp_path))[1], second)
+    assert identical(loading.load_model(str(tmp_path))[1], second)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_four_devices, read_train_state, tiny_config
-from fpcm_jax import checkpoint, data
+from fpcm_jax import checkpoint, data, loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600  # seconds, per subprocess
@@ -176,10 +176,10 @@ def test_eval_over_two_processes_reports_what_one_process_does(runs):
 
 LOGITS_SCRIPT = """
 import sys, numpy as np
-from fpcm_jax import checkpoint, data, parallel
+from fpcm_jax import checkpoint, data, loading, parallel
 parallel.setup()
 import jax
-model, variables, info, path = checkpoint.load_model(sys.argv[1])
+model, variables, info, path = loading.load_model(sys.argv[1])
 _, _, test = data.load("digits", validation_size=100)
 logits = model.apply(variables, data.to_float(test.images[:16]), train=False, progress=1.0)
 np.save(sys.argv[2], np.asarray(logits))
@@ -197,7 +197,7 @@ def stopped_on_four(runs):
 
 @needs_four_devices
 def test_checkpoint_saved_on_four_devices_loads_on_one_and_two(stopped_on_four, tmp_path):
-    model, variables, _, path = checkpoint.load_model(stopped_on_four)
+    model, variables, _, path = loading.load_model(stopped_on_four)
     assert path.endswith("best_robust")
     _, _, test = data.load("digits", validation_size=100)
     expected = np.asarray(model.apply(variables, data.to_float(test.images[:16]), train=False))

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import needs_four_devices, read_train_state, tiny_config, train_tiny_run
-from fpcm_jax import data, experiment, losses, parallel, train
+from fpcm_jax import config_checks, data, experiment, losses, parallel, train, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,14 +29,14 @@ def random_batch(size=8, seed=0):
 
 def build_step(config, steps_per_epoch, mesh, trace_limit=None):
     model, spec = experiment.build(config)
-    tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch)
-    step = train.make_train_step(model, tx, learning_rate, config, steps_per_epoch)
+    tx, learning_rate = train_step.make_optimizer(config.train, steps_per_epoch)
+    step = train_step.make_train_step(model, tx, learning_rate, config, steps_per_epoch)
     if trace_limit:
         step = chex.assert_max_traces(step, n=trace_limit)
-    state = train.create_state(model, tx, jax.random.key(0), spec.image_size,
+    state = train_step.create_state(model, tx, jax.random.key(0), spec.image_size,
                                ema=config.train.ema_decay > 0)
     state = jax.device_put(state, parallel.replicated(mesh))
-    return train.jit_train_step(step, mesh), state
+    return train_step.jit_train_step(step, mesh), state
 
 
 def run_steps(config, mesh, num_steps, steps_per_epoch=2, trace_limit=None):
@@ -75,7 +75,7 @@ def test_no_retrace_across_steps_epochs_and_cutoffs():
 def test_bn_modes_update_running_statistics_differently():
     mesh = parallel.make_mesh()
     stats = {mode: run_steps(tiny_config(attack__bn_mode=mode), mesh, 1)[0].batch_stats
-             for mode in train.BN_MODES}
+             for mode in train_step.BN_MODES}
     first = lambda tree: np.asarray(tree["bn1"]["var"])
     assert not np.allclose(first(stats["train"]), first(stats["batch_stats_frozen"]))
     # frozen and eval both update only with the clean and the adversarial forward.
@@ -96,14 +96,14 @@ def official_lr_factor(epoch, total, kind, warmup=5):
 @pytest.mark.parametrize("total", [120, 60, 7])
 def test_lr_schedule_matches_official(kind, total):
     for epoch in range(total):
-        np.testing.assert_allclose(train.lr_factor(epoch, total, 5, kind),
+        np.testing.assert_allclose(train_step.lr_factor(epoch, total, 5, kind),
                                    official_lr_factor(epoch, total, kind), rtol=1e-5, err_msg=epoch)
 
 
 def test_optimizer_is_pytorch_sgd_and_schedule_per_epoch():
     config = tiny_config(train__lr=0.1, train__weight_decay=0.01, train__warmup_epochs=2,
                          train__epochs=20)
-    tx, learning_rate = train.make_optimizer(config.train, steps_per_epoch=3)
+    tx, learning_rate = train_step.make_optimizer(config.train, steps_per_epoch=3)
     assert [float(learning_rate(s)) for s in (0, 2, 3, 6)] == pytest.approx(
         [0.01, 0.01, 0.055, 0.1])
     params = {"w": jnp.array([1.0, -2.0])}
@@ -120,9 +120,9 @@ def test_optimizer_is_pytorch_sgd_and_schedule_per_epoch():
 
 
 def test_cutoff_progress_counts_official_epochs_from_one():
-    assert float(train.cutoff_progress(0, 10, 120, "epoch")) == pytest.approx(1 / 120)
-    assert float(train.cutoff_progress(1199, 10, 120, "epoch")) == pytest.approx(1.0)
-    assert float(train.cutoff_progress(5, 10, 2, "step")) == pytest.approx(6 / 20)
+    assert float(train_step.cutoff_progress(0, 10, 120, "epoch")) == pytest.approx(1 / 120)
+    assert float(train_step.cutoff_progress(1199, 10, 120, "epoch")) == pytest.approx(1.0)
+    assert float(train_step.cutoff_progress(5, 10, 2, "step")) == pytest.approx(6 / 20)
 
 
 def numpy_softmax(z):
@@ -287,8 +287,10 @@ def test_default_xla_flags_respect_the_users_setting(monkeypatch):
 ])
 def test_invalid_options_stop_before_the_workdir_is_touched(tmp_path, section, name, value,
                                                             message):
+    """As main.py runs it: the checks, then training (which checks what needs the data)."""
     config = tiny_config(**{f"{section}__{name}": value})
     with pytest.raises(ValueError, match=message):
+        config_checks.check_training(config)
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import numpy as np  # noqa: E402
 
-from fpcm_jax import checkpoint, convert, data, parallel  # noqa: E402
+from fpcm_jax import convert, data, loading, parallel  # noqa: E402
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
         section, key = name.split(".")
         config[section][key] = ast.literal_eval(value)
     parallel.setup()
-    model, variables, info, _ = checkpoint.load_model(args.checkpoint)  # its model.json
+    model, variables, info, _ = loading.load_model(args.checkpoint)  # its model.json
     splits = data.load_for(config)
     chosen = dict(zip(["train", "validation", "test"], splits))[args.split]
     x = data.to_float(chosen.images[:args.num_examples])

@@ -8,7 +8,7 @@ step), best-loss point tracking, and at checkpoints (first after 22% of the iter
 shrinking by 3% down to 6%) the step size of a point is halved and it restarts from its best
 point if its loss went up in at most rho = 75% of the steps since the last checkpoint, or if the
 last checkpoint did not halve it and its best loss did not improve. The loop is a `lax.fori_loop`
-(`unroll=True` unrolls it: faster to run on CPU, but minutes to compile; `pgd.fixed_loop`).
+(`unroll=True` unrolls it: faster to run on CPU, but minutes to compile; `_common.fixed_loop`).
 
 `robust` is False for points found misclassified at any iterate; `x_adv` holds that iterate for
 them and the clean image otherwise, as the reference implementation returns.
@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fpcm_jax.attacks.pgd import fixed_loop
+from fpcm_jax.attacks._common import (clip_to_ball, example_keys, fixed_loop, over_target_ranks,
+                                      per_example, pick, ranked_class)
 
 
 def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Untargeted DLR: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3 + 1e-12), per example."""
     ordered = jnp.sort(logits, axis=1)
-    true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    true = pick(logits, labels)
     top_is_true = jnp.argmax(logits, axis=1) == labels
     best_other = jnp.where(top_is_true, ordered[:, -2], ordered[:, -1])
     return -(true - best_other) / (ordered[:, -1] - ordered[:, -3] + 1e-12)
@@ -38,9 +39,8 @@ def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def dlr_targeted_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
     """Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12), per example."""
     ordered = jnp.sort(logits, axis=1)
-    true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    target = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
-    return -(true - target) / (ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + 1e-12)
+    scale = ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + 1e-12
+    return -(pick(logits, labels) - pick(logits, targets)) / scale
 
 
 def checkpoint_schedule(n_iter: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -78,19 +78,6 @@ class _State(NamedTuple):
     reduced_last_check: jax.Array
 
 
-def example_keys(key: jax.Array, batch: int) -> jax.Array:
-    """One key per example: a batch of keys is used as is, a single key is split.
-
-    AutoAttack passes keys derived from each example's index, so a point gets the same random
-    start whatever batch it lands in.
-    """
-    return key if key.ndim == 1 else jax.random.split(key, batch)
-
-
-def _per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
-    return mask.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
 def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax.Array,
              y: jax.Array, key: jax.Array, eps: float, n_iter: int = 100,
              rho: float = 0.75, unroll: Optional[bool] = None
@@ -105,11 +92,10 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
         grad, (loss, logits) = grad_fn(inputs)
         return grad, loss, jnp.argmax(logits, axis=1) == y
 
-    box = lambda z: jnp.clip(jnp.clip(z, x - eps, x + eps), 0.0, 1.0)
     keys = example_keys(key, x.shape[0])
     noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(keys)
     scale = jnp.max(jnp.abs(noise).reshape(x.shape[0], -1), axis=1) + 1e-12
-    x_adv = jnp.clip(x + eps * noise / _per_example(scale, x), 0.0, 1.0)
+    x_adv = jnp.clip(x + eps * noise / per_example(scale, x), 0.0, 1.0)
     grad, loss, correct = evaluate(x_adv)
     start_grad = grad
     batch = x.shape[0]
@@ -124,15 +110,16 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
 
     def body(i, s: _State) -> _State:
         momentum = jnp.where(i > 0, 0.75, 1.0)
-        step = _per_example(s.step_size, x)
-        x_1 = box(s.x_adv + step * jnp.sign(s.grad))
-        x_new = box(s.x_adv + (x_1 - s.x_adv) * momentum + (s.x_adv - s.x_old) * (1 - momentum))
+        step = per_example(s.step_size, x)
+        x_1 = clip_to_ball(s.x_adv + step * jnp.sign(s.grad), x, eps)
+        x_new = clip_to_ball(
+            s.x_adv + (x_1 - s.x_adv) * momentum + (s.x_adv - s.x_old) * (1 - momentum), x, eps)
         grad, loss, correct = evaluate(x_new)
         robust = s.robust & correct
-        x_best_adv = jnp.where(_per_example(~correct, x), x_new, s.x_best_adv)
+        x_best_adv = jnp.where(per_example(~correct, x), x_new, s.x_best_adv)
         improved = loss > s.loss_best
-        x_best = jnp.where(_per_example(improved, x), x_new, s.x_best)
-        grad_best = jnp.where(_per_example(improved, x), grad, s.grad_best)
+        x_best = jnp.where(per_example(improved, x), x_new, s.x_best)
+        grad_best = jnp.where(per_example(improved, x), grad, s.grad_best)
         loss_best = jnp.where(improved, loss, s.loss_best)
         loss_steps = s.loss_steps.at[i].set(loss)
         s = s._replace(x_adv=x_new, x_old=s.x_adv, grad=grad, x_best=x_best,
@@ -154,8 +141,8 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
         reduce = oscillating | stalled
         return s._replace(
             step_size=jnp.where(reduce, s.step_size / 2.0, s.step_size),
-            x_adv=jnp.where(_per_example(reduce, x), s.x_best, s.x_adv),
-            grad=jnp.where(_per_example(reduce, x), s.grad_best, s.grad),
+            x_adv=jnp.where(per_example(reduce, x), s.x_best, s.x_adv),
+            grad=jnp.where(per_example(reduce, x), s.grad_best, s.grad),
             reduced_last_check=reduce, loss_best_last_check=s.loss_best)
 
     # A large body: unrolled, 100 of them compile for minutes on CPU; fori_loop unless asked.
@@ -178,24 +165,23 @@ def apgd_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax
     """
     clean_logits = logits_fn(x)
     if loss == "ce":
-        per_example = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y)
+        example_loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y)
     elif loss == "dlr":
-        per_example = lambda z: dlr_loss(z, y)
+        example_loss = lambda z: dlr_loss(z, y)
     elif loss == "dlr-targeted":
-        ranked = jnp.argsort(clean_logits, axis=1)
-        targets = jnp.take(ranked, clean_logits.shape[1] - target_rank, axis=1)
-        per_example = lambda z: dlr_targeted_loss(z, y, targets)
+        targets = ranked_class(clean_logits, target_rank)
+        example_loss = lambda z: dlr_targeted_loss(z, y, targets)
     else:
         raise ValueError(f"Unknown APGD loss {loss!r}; use 'ce', 'dlr' or 'dlr-targeted'.")
 
     def loss_fn(inputs):
         logits = logits_fn(inputs)
-        return per_example(logits), logits
+        return example_loss(logits), logits
 
     clean_correct = jnp.argmax(clean_logits, axis=1) == y
     x_adv, robust, grad = apgd_run(loss_fn, x, y, key, eps, n_iter, rho, unroll)
     fooled = clean_correct & ~robust
-    x_out = jnp.where(_per_example(fooled, x), x_adv, x)
+    x_out = jnp.where(per_example(fooled, x), x_adv, x)
     zero_grad = clean_correct & (jnp.sum(jnp.abs(grad).reshape(x.shape[0], -1), axis=1) == 0)
     return x_out, clean_correct & robust, zero_grad
 
@@ -213,12 +199,9 @@ def apgd_targeted(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: 
                   unroll: Optional[bool] = None) -> jax.Array:
     """APGD-T: targeted DLR against the 2nd, 3rd, ... most likely classes in turn, each run
     only changing points still robust; returns x_adv."""
-    robust = jnp.argmax(logits_fn(x), axis=1) == y
-    x_out = x
-    for index, target_rank in enumerate(range(2, n_target_classes + 2)):
-        x_adv, still, _ = apgd_stage(logits_fn, x, y, jax.random.fold_in(key, index), eps,
-                                     n_iter, "dlr-targeted", target_rank, rho, unroll)
-        fooled = robust & ~still
-        x_out = jnp.where(_per_example(fooled, x), x_adv, x_out)
-        robust = robust & still
-    return x_out
+
+    def stage(index, target_rank):
+        return apgd_stage(logits_fn, x, y, jax.random.fold_in(key, index), eps, n_iter,
+                          "dlr-targeted", target_rank, rho, unroll)[:2]
+
+    return over_target_ranks(stage, logits_fn, x, y, n_target_classes)

@@ -8,8 +8,10 @@ counts as robust only if every attack fails on it. APGD-T and FAB-T run their 9 
 in turn, each again only on the points still robust. The points are gathered into batches of
 a fixed size (the last one padded and masked), so every stage compiles once. Random starts
 come from keys derived from each point's index: a point meets the same randomness whatever
-batch it is in, and the same as when the attack runs alone. Published parameters: APGD 100 iterations, rho 0.75, momentum 0.75, first
-step 2 eps; APGD-T and FAB-T 9 targets, 100 iterations; Square 5,000 queries, p_init 0.8.
+batch it is in, and the same as when the attack runs alone. Published parameters: APGD 100
+iterations, rho 0.75, momentum 0.75, first step 2 eps; APGD-T and FAB-T 9 targets, 100
+iterations; Square 5,000 queries, p_init 0.8. The components and their stages come from
+`registry`.
 
 The reference implementation's sanity checks are reported as warnings: the output varies
 between identical passes (randomness), the outputs look like probabilities, some points have
@@ -22,44 +24,34 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcm_jax.attacks.apgd import apgd_stage
-from fpcm_jax.attacks.fab import fab_targeted_stage
-from fpcm_jax.attacks.square import square_stage
+from fpcm_jax.attacks._common import target_ranks
+from fpcm_jax.attacks.registry import COMPONENTS, Attack, component
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
-def _stages(name: str, n_target_classes: int) -> List[int]:
-    """Target ranks of a component's stages (targeted attacks run one stage per target)."""
-    if name in ("apgd-t", "fab-t"):
-        return list(range(2, n_target_classes + 2))
-    if name in ("apgd-ce", "square"):
-        return [0]
-    raise ValueError(f"Unknown AutoAttack component {name!r}; use some of {STANDARD}.")
-
-
-def _stage_function(name: str, eps: float, n_iter: int, n_queries: int) -> Callable:
-    """stage(logits_fn, x, y, keys, shared_key, target_rank) -> (x_adv, robust, zero_grad)."""
-
-    def stage(logits_fn, x, y, keys, shared_key, target_rank):
-        no_flags = jnp.zeros(y.shape, bool)
-        if name == "apgd-ce":
-            return apgd_stage(logits_fn, x, y, keys, eps, n_iter, "ce")
-        if name == "apgd-t":
-            return apgd_stage(logits_fn, x, y, keys, eps, n_iter, "dlr-targeted", target_rank)
-        if name == "fab-t":
-            return (*fab_targeted_stage(logits_fn, x, y, keys, eps, target_rank, n_iter),
-                    no_flags)
-        return (*square_stage(logits_fn, x, y, keys, eps, n_queries, shared_key=shared_key),
-                no_flags)
-
-    return stage
+class _Call(NamedTuple):
+    """What every stage of one `autoattack` call shares."""
+    x: np.ndarray
+    y: np.ndarray
+    key: jax.Array
+    params: Any
+    apply: Callable  # apply(params, x) -> logits
+    cache: Dict[Any, Callable]
+    put: Callable[[np.ndarray], jax.Array]
+    fetch: Callable[[jax.Array], np.ndarray]
+    batch_size: int
+    eps: float
+    n_iter: int
+    n_queries: int
+    n_target_classes: int
+    on_batch: Optional[Callable[[str, int, int, int, int, int], None]]
 
 
 def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float = 8 / 255,
@@ -83,75 +75,115 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     stage, stages, points done, points in the stage, robust points now) when a stage starts
     (0 done) and after each of its batches.
     Returns clean and per-component robust flags and accuracies, x_adv, times and warnings.
+    An unknown component name in `attacks_to_run` is a ValueError before anything runs.
     """
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.int32)
-    put = put or jnp.asarray
-    fetch = fetch or np.asarray
-    apply = (lambda p, inputs: logits_fn(inputs)) if params is None else logits_fn
-    cache = _stage_cache(logits_fn if params is not None else None)
-    count = len(y)
-
-    def batches(indices):
-        for start in range(0, len(indices), batch_size):
-            chosen = indices[start:start + batch_size]
-            padded = np.resize(chosen, batch_size)  # repeats points to fill the last batch
-            yield chosen, padded
-
-    predict = cache.setdefault("predict", jax.jit(apply))
-    logits_list = []
-    for chosen, padded in batches(np.arange(count)):
-        logits_list.append(fetch(predict(params, put(x[padded])))[:len(chosen)])
-    clean_logits = np.concatenate(logits_list) if logits_list else np.zeros((0, 1), np.float32)
-    robust = clean_logits.argmax(1) == y
-    result = {"examples": count, "eps": eps, "clean_flags": robust.copy(),
-              "clean_accuracy": float(robust.mean()) if count else 0.0, "flags_after": {},
-              "accuracy_after": {}, "seconds": {},
-              "warnings": _output_warnings(lambda inputs: fetch(predict(params, inputs)),
-                                           put(x[np.resize(np.arange(count), batch_size)]),
-                                           clean_logits) if count else []}
-    x_adv = x.copy()
+    components = [(name, component(name)) for name in attacks_to_run]
+    call = _Call(np.asarray(x, np.float32), np.asarray(y, np.int32), key, params,
+                 (lambda p, inputs: logits_fn(inputs)) if params is None else logits_fn,
+                 _stage_cache(logits_fn if params is not None else None),
+                 put or jnp.asarray, fetch or np.asarray, batch_size, eps, n_iter, n_queries,
+                 n_target_classes, on_batch)
+    result, robust = _clean_pass(call)
+    x_adv = call.x.copy()
     zero_grad_points = 0
-    for name in attacks_to_run:
+    for name, entry in components:
         start_time = time.time()
-        component = STANDARD.index(name) if name in STANDARD else len(STANDARD)
-        stages = _stages(name, n_target_classes)
-        run = cache.setdefault((name, eps, n_iter, n_queries), jax.jit(functools.partial(
-            _run_stage, apply, _stage_function(name, eps, n_iter, n_queries))))
-        for stage, target_rank in enumerate(stages):
-            stage_key = jax.random.fold_in(jax.random.fold_in(key, component), stage)
-            attacked = np.flatnonzero(robust)
-            if on_batch is not None:  # the stage starts (its first batch also compiles it)
-                on_batch(name, stage, len(stages), 0, len(attacked), int(robust.sum()))
-            for chosen, padded in batches(attacked):
-                adv, still, zero = run(params, put(x[padded]), put(y[padded]),
-                                       put(padded.astype(np.int32)),
-                                       np.asarray(jax.random.key_data(stage_key)),
-                                       np.int32(target_rank))
-                adv, still, zero = (fetch(a)[:len(chosen)] for a in (adv, still, zero))
-                fooled = chosen[~still]
-                x_adv[fooled] = adv[~still]
-                robust[fooled] = False
-                zero_grad_points += int(zero.sum()) if name == "apgd-t" and stage == 0 else 0
-                if on_batch is not None:
-                    done = int(np.searchsorted(attacked, chosen[-1])) + 1
-                    on_batch(name, stage, len(stages), done, len(attacked), int(robust.sum()))
+        zero_grad_points += _run_component(call, name, entry, robust, x_adv)
         result["flags_after"][name] = robust.copy()
-        result["accuracy_after"][name] = float(robust.mean()) if count else 0.0
+        result["accuracy_after"][name] = _fraction(robust)
         result["seconds"][name] = time.time() - start_time
         if progress is not None:
             progress(name, result["accuracy_after"][name])
+    _finish(result, call.x, robust, x_adv, zero_grad_points)
+    return result
+
+
+def _fraction(flags: np.ndarray) -> float:
+    return float(flags.mean()) if len(flags) else 0.0
+
+
+def _batches(indices: np.ndarray, batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(chosen, padded) per batch: the indices of the batch, and the same repeated to fill
+    `batch_size` (only the last batch differs)."""
+    for start in range(0, len(indices), batch_size):
+        chosen = indices[start:start + batch_size]
+        yield chosen, np.resize(chosen, batch_size)
+
+
+def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
+    """The result's clean fields and output warnings, and the flags of the points classified
+    correctly (the points the first component attacks)."""
+    count = len(call.y)
+    predict = call.cache.setdefault("predict", jax.jit(call.apply))
+    logits_list = [call.fetch(predict(call.params, call.put(call.x[padded])))[:len(chosen)]
+                   for chosen, padded in _batches(np.arange(count), call.batch_size)]
+    clean_logits = np.concatenate(logits_list) if logits_list else np.zeros((0, 1), np.float32)
+    robust = clean_logits.argmax(1) == call.y
+    warnings = _output_warnings(lambda inputs: call.fetch(predict(call.params, inputs)),
+                                call.put(call.x[np.resize(np.arange(count), call.batch_size)]),
+                                clean_logits) if count else []
+    result = {"examples": count, "eps": call.eps, "clean_flags": robust.copy(),
+              "clean_accuracy": _fraction(robust), "flags_after": {}, "accuracy_after": {},
+              "seconds": {}, "warnings": warnings}
+    return result, robust
+
+
+def _run_component(call: _Call, name: str, entry: Attack, robust: np.ndarray,
+                   x_adv: np.ndarray) -> int:
+    """All stages of one component, each on the points still robust: updates robust and x_adv
+    in place; returns the number of points with zero gradient at APGD-T's first stage."""
+    stage_fn = functools.partial(entry.stage, eps=call.eps, n_iter=call.n_iter,
+                                 n_queries=call.n_queries)
+    run = call.cache.setdefault((name, call.eps, call.n_iter, call.n_queries),
+                                jax.jit(functools.partial(_run_stage, call.apply, stage_fn)))
+    ranks = list(target_ranks(call.n_target_classes)) if entry.targeted else [0]
+    zero_grad_points = 0
+    component_key = jax.random.fold_in(call.key, COMPONENTS.index(name))
+    for stage, target_rank in enumerate(ranks):
+        stage_key = jax.random.fold_in(component_key, stage)
+        zero = _run_stage_batches(call, run, (name, stage, len(ranks)), stage_key, target_rank,
+                                  robust, x_adv)
+        zero_grad_points += zero if name == "apgd-t" and stage == 0 else 0
+    return zero_grad_points
+
+
+def _run_stage_batches(call: _Call, run: Callable, where: Tuple[str, int, int],
+                       stage_key: jax.Array, target_rank: int, robust: np.ndarray,
+                       x_adv: np.ndarray) -> int:
+    """One stage over the points still robust, batch by batch: updates robust and x_adv in
+    place; returns how many attacked points had zero gradient. where = (component, stage,
+    stages) heads each on_batch report."""
+    attacked = np.flatnonzero(robust)
+    if call.on_batch is not None:  # the stage starts (its first batch also compiles it)
+        call.on_batch(*where, 0, len(attacked), int(robust.sum()))
+    zero_grad_points = 0
+    for chosen, padded in _batches(attacked, call.batch_size):
+        outputs = run(call.params, call.put(call.x[padded]), call.put(call.y[padded]),
+                      call.put(padded.astype(np.int32)),
+                      np.asarray(jax.random.key_data(stage_key)), np.int32(target_rank))
+        adv, still, zero = (call.fetch(a)[:len(chosen)] for a in outputs)
+        fooled = chosen[~still]
+        x_adv[fooled] = adv[~still]
+        robust[fooled] = False
+        zero_grad_points += int(zero.sum())
+        if call.on_batch is not None:
+            done = int(np.searchsorted(attacked, chosen[-1])) + 1
+            call.on_batch(*where, done, len(attacked), int(robust.sum()))
+    return zero_grad_points
+
+
+def _finish(result: Dict[str, Any], x: np.ndarray, robust: np.ndarray, x_adv: np.ndarray,
+            zero_grad_points: int) -> None:
+    """The final robust flags, x_adv and the warnings that need every component."""
     if zero_grad_points:
         result["warnings"].append(
             f"{zero_grad_points} points have zero gradient at the start of APGD-T: "
             f"gradient-based attacks may be unreliable for this model (gradient masking?).")
     _square_warning(result)
     result["robust_flags"] = robust
-    result["robust_accuracy"] = float(robust.mean()) if count else 0.0
+    result["robust_accuracy"] = _fraction(robust)
     result["x_adv"] = x_adv
-    max_perturbation = float(np.abs(x_adv - x).max()) if count else 0.0
-    result["max_perturbation"] = max_perturbation
-    return result
+    result["max_perturbation"] = float(np.abs(x_adv - x).max()) if len(x) else 0.0
 
 
 # Compiled stages per logits_fn(params, x): the weights are arguments, so a second evaluation

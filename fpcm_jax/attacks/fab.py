@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from fpcm_jax.attacks.pgd import fixed_loop
+from fpcm_jax.attacks._common import fixed_loop, over_target_ranks, per_example, pick, ranked_class
 
 
 def projection_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -73,16 +73,13 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
     del key  # the standard version's single restart has no random start
     batch = x.shape[0]
     flat = lambda z: z.reshape(batch, -1)
-    per_example = lambda m: m.reshape((-1,) + (1,) * (x.ndim - 1))
     clean_logits = logits_fn(x)
     correct = jnp.argmax(clean_logits, axis=1) == y
-    ranked = jnp.argsort(clean_logits, axis=1)
-    targets = jnp.take(ranked, clean_logits.shape[1] - target_rank, axis=1)
+    targets = ranked_class(clean_logits, target_rank)
 
     def difference(inputs):
         logits = logits_fn(inputs)
-        gap = (jnp.take_along_axis(logits, targets[:, None], axis=1)
-               - jnp.take_along_axis(logits, y[:, None], axis=1))[:, 0]
+        gap = pick(logits, targets) - pick(logits, y)
         return gap.sum(), gap
 
     grad_fn = jax.grad(difference, has_aux=True)
@@ -97,38 +94,33 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
         d1, d2 = steps[:batch].reshape(x.shape), steps[batch:].reshape(x.shape)
         size = jnp.maximum(jnp.max(jnp.abs(steps), axis=1), 1e-8)
         alpha = jnp.clip(size[:batch] / (size[:batch] + size[batch:]), 0.0, alpha_max)
-        alpha = per_example(alpha)
+        alpha = per_example(alpha, x)
         x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + eta * d2) * alpha, 0.0, 1.0)
         is_adv = jnp.argmax(logits_fn(x1), axis=1) != y
         norm = jnp.max(jnp.abs(flat(x1 - x)), axis=1)
         better = is_adv & (norm < best_norm)
-        best = jnp.where(per_example(better), x1, best)
+        best = jnp.where(per_example(better, x), x1, best)
         best_norm = jnp.where(better, norm, best_norm)
-        x1 = jnp.where(per_example(is_adv), x + (x1 - x) * beta, x1)
+        x1 = jnp.where(per_example(is_adv, x), x + (x1 - x) * beta, x1)
         return x1, best, best_norm
 
     init = (x, x, jnp.full((batch,), 1e10, x.dtype))
     # A large body: unrolled, 100 of them compile for minutes on CPU; fori_loop unless asked.
     _, best, best_norm = fixed_loop(n_iter, body, init, unroll, max_unrolled=0)
     found = correct & (best_norm < 1e10)
-    x_adv = jax.lax.stop_gradient(jnp.where(per_example(found), best, x))
+    x_adv = jax.lax.stop_gradient(jnp.where(per_example(found, x), best, x))
     still_correct = jnp.argmax(logits_fn(x_adv), axis=1) == y
     too_far = jnp.max(jnp.abs(flat(x_adv - x)), axis=1) > eps
     robust = correct & (still_correct | too_far)
-    return jnp.where(per_example(robust), x, x_adv), robust
+    return jnp.where(per_example(robust, x), x, x_adv), robust
 
 
 def fab_targeted(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
                  key: jax.Array, eps: float = 8 / 255, n_target_classes: int = 9,
                  n_iter: int = 100, unroll: Optional[bool] = None) -> jax.Array:
     """FAB-T against the 2nd, 3rd, ... most likely classes in turn; returns x_adv."""
-    per_example = lambda m: m.reshape((-1,) + (1,) * (x.ndim - 1))
-    robust = jnp.argmax(logits_fn(x), axis=1) == y
-    x_out = x
-    for target_rank in range(2, n_target_classes + 2):
-        x_adv, still = fab_targeted_stage(logits_fn, x, y, key, eps, target_rank, n_iter,
-                                          unroll=unroll)
-        fooled = robust & ~still
-        x_out = jnp.where(per_example(fooled), x_adv, x_out)
-        robust = robust & still
-    return x_out
+
+    def stage(_, target_rank):
+        return fab_targeted_stage(logits_fn, x, y, key, eps, target_rank, n_iter, unroll=unroll)
+
+    return over_target_ranks(stage, logits_fn, x, y, n_target_classes)

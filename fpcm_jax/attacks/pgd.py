@@ -4,8 +4,9 @@
 
 All take clean images x in [0, 1] (any shape), labels y and an RNG key, and return images in
 the eps-ball around x and in [0, 1], with `stop_gradient`. The loop form follows the backend
-and the number of steps (`default_unroll`: short loops unrolled on CPU, where a conv net inside
-`lax.fori_loop` ran 3x slower; `lax.fori_loop` otherwise); `unroll=True/False` forces one.
+and the number of steps (`default_unroll`, from `_common` and importable from here: short loops
+unrolled on CPU, where a conv net inside `lax.fori_loop` ran 3x slower; `lax.fori_loop`
+otherwise); `unroll=True/False` forces one.
 
 `pgd_iterate` is the loop itself, for callers that thread extra state through each step (the
 training attack threads BatchNorm running statistics, as the official code updates them).
@@ -19,6 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fpcm_jax.attacks._common import UNROLL_MAX_STEPS_CPU, default_unroll, fixed_loop, margin
+
+__all__ = ["UNROLL_MAX_STEPS_CPU", "default_unroll", "fixed_loop", "uniform_start", "project",
+           "pgd_iterate", "cross_entropy", "cw_margin", "pgd", "fgsm", "cw"]
+
 
 def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     """x + U(-eps, eps), clipped to [0, 1] (the official PGD's random start)."""
@@ -29,35 +35,6 @@ def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
 def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     """Back into the eps-ball around x and into [0, 1]."""
     return jnp.clip(x + jnp.clip(x_adv - x, -eps, eps), 0.0, 1.0)
-
-
-# On XLA:CPU a conv net inside a while loop ran 2-3x slower than unrolled (ResNet-18, batch 64,
-# PGD-20: 1.65 vs 6.33 images/s), while an unrolled loop's compile time and memory grow with
-# its length (PGD-20: 9 s, 1.4 GB; PGD-50: 24 s, 1.8 GB; APGD-100 or FAB-100, whose bodies
-# are larger: minutes and about 10 GB). So on CPU gradient-sign loops are unrolled up to
-# UNROLL_MAX_STEPS_CPU steps and APGD/FAB never; GPU/TPU always use lax.fori_loop, which
-# compiles one body in seconds. Figures: benchmarks/README.md.
-UNROLL_MAX_STEPS_CPU = 100
-
-
-def default_unroll(steps: int, max_steps: int = UNROLL_MAX_STEPS_CPU) -> bool:
-    """Whether a loop of `steps` iterations is unrolled by default: only on CPU, and only up
-    to `max_steps` iterations (0: never)."""
-    return jax.default_backend() == "cpu" and steps <= max_steps
-
-
-def fixed_loop(count: int, body: Callable[[Any, Any], Any], state: Any,
-               unroll: Optional[bool] = None, max_unrolled: int = UNROLL_MAX_STEPS_CPU) -> Any:
-    """body(i, state) -> state, `count` times: a Python loop (unrolled into the compiled graph)
-    or a `lax.fori_loop`; None picks by backend and length (`default_unroll` with
-    `max_unrolled`)."""
-    if unroll is None:
-        unroll = default_unroll(count, max_unrolled)
-    if unroll:
-        for i in range(count):
-            state = body(i, state)
-        return state
-    return jax.lax.fori_loop(0, count, body, state)
 
 
 def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: jax.Array,
@@ -82,9 +59,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example CW margin: max wrong logit minus true logit (> 0 means misclassified)."""
-    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    wrong = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
-    return wrong.max(axis=1) - true_logit
+    return -margin(logits, labels)
 
 
 def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, key: jax.Array,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcm_jax.attacks.apgd import example_keys
+from fpcm_jax.attacks._common import clip_to_ball, example_keys, margin, per_example
 
 # numpy, not jnp: a JAX array built at import time would start a backend before
 # jax.distributed.initialize() can run.
@@ -27,13 +27,6 @@ def p_selection(iteration, p_init: float = 0.8):
     """p_init / 2^(number of schedule boundaries passed), the published schedule."""
     halvings = jnp.sum(jnp.asarray(_P_BOUNDARIES) < iteration)
     return p_init / (2.0 ** halvings)
-
-
-def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """z_y - max_{i != y} z_i (negative means misclassified)."""
-    true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    others = jnp.where(jax.nn.one_hot(labels, logits.shape[1], dtype=bool), -jnp.inf, logits)
-    return true - others.max(axis=1)
 
 
 def square_attack(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
@@ -51,7 +44,6 @@ def square_stage(logits_fn, x, y, key, eps=8 / 255, n_queries=5000, p_init=0.8,
     the window positions and signs shared by the batch (so they do not depend on the batch).
     """
     batch, height, width, channels = x.shape
-    per_example = lambda m: m.reshape((-1,) + (1,) * (x.ndim - 1))
     correct = jnp.argmax(logits_fn(x), axis=1) == y
     keys = example_keys(key, batch)
     loop_key = jax.random.fold_in(keys[0], 1) if shared_key is None else shared_key
@@ -78,11 +70,11 @@ def square_stage(logits_fn, x, y, key, eps=8 / 255, n_queries=5000, p_init=0.8,
                   (cols >= corner[1]) & (cols < corner[1] + side))
         signs = jax.random.choice(sign_key, jnp.array([-1.0, 1.0]), (1, 1, channels))
         delta = jnp.where(window, 2.0 * eps * signs, 0.0)
-        x_new = jnp.clip(jnp.clip(x_best + delta, x - eps, x + eps), 0.0, 1.0)
+        x_new = clip_to_ball(x_best + delta, x, eps)
         new_margin = margin(logits_fn(x_new), y)
         active = margin_min > 0
         accept = active & ((new_margin < margin_min) | (new_margin <= 0))
-        x_best = jnp.where(per_example(accept), x_new, x_best)
+        x_best = jnp.where(per_example(accept, x), x_new, x_best)
         margin_min = jnp.where(accept, new_margin, margin_min)
         return i + 1, x_best, margin_min
 
@@ -90,4 +82,4 @@ def square_stage(logits_fn, x, y, key, eps=8 / 255, n_queries=5000, p_init=0.8,
     x_best = jax.lax.stop_gradient(x_best)
     still = jnp.argmax(logits_fn(x_best), axis=1) == y
     robust = correct & still
-    return jnp.where(per_example(robust | ~correct), x, x_best), robust
+    return jnp.where(per_example(robust | ~correct, x), x, x_best), robust

@@ -98,3 +98,28 @@ def check_images(x: jax.Array, model_name: str) -> None:
         raise ValueError(f"{model_name} expects images of shape (batch, height, width, 3) with "
                          f"values in [0, 1]; got shape {getattr(x, 'shape', None)}. "
                          f"(NCHW arrays need x.transpose(0, 2, 3, 1).)")
+
+
+class ResidualBlock(nn.Module):
+    """The fields of a residual block (its `__call__` is the architecture's)."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    activation: str = "relu"  # relu (official) | swish
+
+
+class CifarClassifier(nn.Module):
+    """The fields every model here has (each architecture sets its official defaults)."""
+
+    num_classes: int = 10
+    fpcm: bool = True
+    fpcm_variant: str = "tokens"
+    cutoff_start: float = 0.5
+    cutoff_end: float = 0.125
+    mean: Optional[Sequence[float]] = None  # None: raw [0, 1] input
+    std: Optional[Sequence[float]] = None
+    fpcm_lowpass: str = "auto"  # fft | matmul | auto: how FPCM computes its filter (same result)
+    dtype: Any = jnp.float32
+    activation: str = "relu"  # relu (official) | swish
+

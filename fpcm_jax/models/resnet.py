@@ -7,24 +7,19 @@ written '_', so `fpcm_jax.convert` maps one to the other) and PyTorch's default 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from fpcm_jax.layers import FPCM
-from fpcm_jax.models.common import (BatchNorm, activation_fn, check_images, conv, normalize,
-                                    torch_dense)
+from fpcm_jax.models.common import (BatchNorm, CifarClassifier, ResidualBlock, activation_fn,
+                                    check_images, conv, normalize, torch_dense)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     """conv-BN-ReLU-conv-BN plus (projection) shortcut, then ReLU."""
-
-    features: int
-    stride: int = 1
-    dtype: Any = jnp.float32
-    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -40,21 +35,12 @@ class BasicBlock(nn.Module):
         return activation_fn(self.activation)(out + shortcut)
 
 
-class ResNet(nn.Module):
-    """CIFAR-style ResNet; `ResNet()` is ResNet-18 with FPCM, as the official code."""
+class ResNet(CifarClassifier):
+    """CIFAR-style ResNet; `ResNet()` is ResNet-18 with FPCM, as the official code (raw [0, 1]
+    input, cutoff annealed from P/2 to P/8)."""
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     widths: Sequence[int] = (64, 128, 256, 512)
-    num_classes: int = 10
-    fpcm: bool = True
-    fpcm_variant: str = "tokens"
-    cutoff_start: float = 0.5
-    cutoff_end: float = 0.125
-    mean: Optional[Sequence[float]] = None  # the official ResNet-18 takes raw [0, 1] input
-    std: Optional[Sequence[float]] = None
-    fpcm_lowpass: str = "auto"  # fft | matmul | auto: how FPCM computes its filter (same result)
-    dtype: Any = jnp.float32
-    activation: str = "relu"  # relu (official) | swish
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, progress: Any = 1.0) -> jax.Array:

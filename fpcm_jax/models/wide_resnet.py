@@ -15,19 +15,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fpcm_jax.layers import FPCM
-from fpcm_jax.models.common import (CIFAR10_MEAN, CIFAR10_STD, BatchNorm, activation_fn,
-                                    check_images, conv, normalize, torch_dense)
+from fpcm_jax.models.common import (CIFAR10_MEAN, CIFAR10_STD, BatchNorm, CifarClassifier,
+                                    ResidualBlock, activation_fn, check_images, conv, normalize,
+                                    torch_dense)
 
 wrn_conv_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(ResidualBlock):
     """BN-ReLU-conv-BN-ReLU-conv; the shortcut conv (when shapes change) sees BN-ReLU(x)."""
-
-    features: int
-    stride: int = 1
-    dtype: Any = jnp.float32
-    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -41,21 +37,14 @@ class PreActBlock(nn.Module):
         return shortcut + out
 
 
-class WideResNet(nn.Module):
+class WideResNet(CifarClassifier):
     """WRN-depth-widen; `WideResNet()` is WRN-34-10 with FPCM (fixed cutoff P/8), as official."""
 
     depth: int = 34
     widen_factor: int = 10
-    num_classes: int = 10
-    fpcm: bool = True
-    fpcm_variant: str = "tokens"
     cutoff_start: float = 0.125  # the official WRN uses a fixed D0 = P // 8
-    cutoff_end: float = 0.125
     mean: Optional[Sequence[float]] = CIFAR10_MEAN
     std: Optional[Sequence[float]] = CIFAR10_STD
-    fpcm_lowpass: str = "auto"  # fft | matmul | auto: how FPCM computes its filter (same result)
-    dtype: Any = jnp.float32
-    activation: str = "relu"  # relu (official) | swish
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, progress: Any = 1.0) -> jax.Array:
@@ -70,7 +59,7 @@ class WideResNet(nn.Module):
         for group, width in enumerate(widths, 1):
             for block in range(blocks_per_group):
                 stride = 2 if group > 1 and block == 0 else 1
-                out = PreActBlock(width, stride, self.dtype,
+                out = PreActBlock(width, stride, self.dtype, self.activation,
                                   name=f"block{group}_layer_{block}")(out, train)
             if self.fpcm:
                 out = FPCM("dense", self.fpcm_variant, self.cutoff_start, self.cutoff_end,

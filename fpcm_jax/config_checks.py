@@ -1,0 +1,151 @@
+"""Every check of a run's options, called once by main.py after start-up, before any work.
+
+A bad value is a one-line `ValueError` that names the option and what to give instead; nothing
+is loaded or written before these checks pass. Checks that need the data (a batch larger than
+the training split) or a checkpoint's contents (its model) happen where those are read.
+
+    check_training(config)                                    --mode train
+    check_evaluation(config, attack, num_examples, ...)       --mode eval (returns the attacks)
+    check_analysis(config, checkpoints, labels)               --mode analyze
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from fpcm_jax import attacks, data, experiment, layers, loading, losses, models, parallel
+from fpcm_jax import train_step
+
+def check_training(config: ml_collections.ConfigDict) -> None:
+    """Every option of a training run (unknown keys are caught when the flags are parsed)."""
+    _check_choices(config)
+    _check_counts(config)
+    _check_ranges(config)
+    _check_extra_data(config.data, config.train.batch_size)
+    experiment.check_options(experiment.describe(config))
+    parallel.check_batch_size(config.train.batch_size)
+    parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
+
+
+def _check_choices(config: ml_collections.ConfigDict) -> None:
+    choices = [("train.loss", config.train.loss, losses.LOSS_NAMES),
+               ("train.schedule", config.train.schedule, train_step.SCHEDULES),
+               ("train.schedule_per", config.train.schedule_per, ("epoch", "step")),
+               ("train.trades_attack", config.train.trades_attack, ("ce", "kl")),
+               ("attack.bn_mode", config.attack.bn_mode, train_step.BN_MODES),
+               ("train.ema_batch_stats", config.train.ema_batch_stats, ("copy", "average")),
+               ("attack.loop", config.attack.loop, tuple(train_step.ATTACK_LOOPS)),
+               ("model.dtype", config.model.dtype, tuple(models.DTYPES)),
+               ("model.fpcm_lowpass", config.model.fpcm_lowpass, layers.LOWPASS_IMPLS),
+               ("data.name", config.data.name, tuple(data.DATASETS))]
+    for name, value, valid in choices:
+        if value not in valid:
+            raise ValueError(f"--config.{name}={value!r} is not valid; use one of {valid}.")
+
+
+def _check_counts(config: ml_collections.ConfigDict) -> None:
+    at_least = [("train.epochs", config.train.epochs, 1),
+                ("train.checkpoint_every_steps", config.train.checkpoint_every_steps, 0),
+                ("train.stop_after_steps", config.train.stop_after_steps, 0),
+                ("train.eval_every_epochs", config.train.eval_every_epochs, 0),
+                ("train.final_test_attack_steps", config.train.final_test_attack_steps, 0),
+                ("attack.steps", config.attack.steps, 0),
+                ("eval.attack_steps", config.eval.attack_steps, 0),
+                ("train.warmup_epochs", config.train.warmup_epochs, 0),
+                ("train.awp_warmup_epochs", config.train.awp_warmup_epochs, 0),
+                ("data.validation_size", config.data.validation_size, 0),
+                ("data.crop_padding", config.data.crop_padding, 0)]
+    for name, value, least in at_least:
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"--config.{name}={value!r} must be an integer >= {least}.")
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    for name, value in [("attack.eps", config.attack.eps),
+                        ("attack.step_size", config.attack.step_size)]:
+        if not 0 <= value <= 1:
+            raise ValueError(f"--config.{name}={value!r} must lie in [0, 1] (images are in "
+                             f"[0, 1]; 8/255 is written 0.03137).")
+    if not config.train.lr > 0:
+        raise ValueError(f"--config.train.lr={config.train.lr!r} must be positive.")
+    for name, value, low, high in [("train.momentum", config.train.momentum, 0, 1),
+                                   ("train.weight_decay", config.train.weight_decay, 0, math.inf),
+                                   ("train.beta", config.train.beta, 0, math.inf),
+                                   ("train.awp_gamma", config.train.awp_gamma, 0, 1),
+                                   ("train.ema_decay", config.train.ema_decay, 0, 1),
+                                   ("train.ema_warmup_fraction", config.train.ema_warmup_fraction,
+                                    0, 1),
+                                   ("train.label_smoothing", config.train.label_smoothing, 0, 1),
+                                   ("data.extra_fraction", config.data.extra_fraction, 0, 1)]:
+        if not low <= value < high:
+            raise ValueError(f"--config.{name}={value!r} must lie in [{low}, {high}).")
+
+
+def _check_extra_data(data_cfg: ml_collections.ConfigDict, batch_size: int) -> None:
+    if bool(data_cfg.extra_path) != (data_cfg.extra_fraction > 0):
+        raise ValueError(f"--config.data.extra_fraction={data_cfg.extra_fraction} and "
+                         f"--config.data.extra_path={data_cfg.extra_path!r} go together: give "
+                         f"the extra data's .npz with a fraction > 0 (e.g. 0.7), or neither.")
+    if data_cfg.extra_path and not os.path.exists(data_cfg.extra_path):
+        raise ValueError(f"--config.data.extra_path={data_cfg.extra_path!r} does not exist.")
+    extra_count = round(batch_size * data_cfg.extra_fraction)
+    if data_cfg.extra_path and not 0 < extra_count < batch_size:
+        raise ValueError(f"--config.data.extra_fraction={data_cfg.extra_fraction} leaves "
+                         f"{extra_count} extra images in a batch of {batch_size}: choose a "
+                         f"fraction that gives between 1 and {batch_size - 1}.")
+
+
+def attack_names(text: str) -> List[str]:
+    """'pgd20,autoattack' -> ['pgd20', 'autoattack']; an unknown name is a clear error."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name != "autoattack":
+            attacks.get(name)  # raises ValueError listing the valid names
+    if not names:
+        raise ValueError(f"--attack is empty; valid: {', '.join(attacks.ATTACK_NAMES)}.")
+    return names
+
+
+def check_evaluation(config: ml_collections.ConfigDict, attack: str,
+                     num_examples: Optional[int] = None, batch_size: Optional[int] = None,
+                     eps: Optional[float] = None, step_size: Optional[float] = None) -> List[str]:
+    """The options of --mode eval; returns the attack names."""
+    names = attack_names(attack)
+    for name, value in (("--num_examples", num_examples), ("--batch_size", batch_size)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}={value} must be positive (leave it out for "
+                             f"{'all examples' if name == '--num_examples' else 'the default'}).")
+    for name, value in (("--eps", eps), ("--step_size", step_size)):
+        if value is not None and not (0 <= value <= 1 and np.isfinite(value)):
+            raise ValueError(f"{name}={value} must lie in [0, 1] (images are in [0, 1]; "
+                             f"8/255 is 0.03137).")
+    parallel.check_batch_size(batch_size or config.eval.batch_size, "--batch_size")
+    return names
+
+
+def check_analysis(config: ml_collections.ConfigDict, checkpoints: Optional[Sequence[str]],
+                   labels: Optional[Sequence[str]] = None) -> None:
+    """The options of --mode analyze; every checkpoint named must exist."""
+    if not checkpoints:
+        raise ValueError("--mode analyze needs --checkpoints A,B,... (run directories or model "
+                         "checkpoints).")
+    settings = config.analysis
+    for name in ("num_examples", "bands", "heatmap_examples", "feature_examples"):
+        if not isinstance(settings[name], int) or settings[name] < 1:
+            raise ValueError(f"--config.analysis.{name}={settings[name]!r} must be an integer "
+                             f">= 1.")
+    if not isinstance(settings.filter_steps, int) or settings.filter_steps < 2:
+        raise ValueError(f"--config.analysis.filter_steps={settings.filter_steps!r} must be an "
+                         f"integer >= 2.")
+    for name in ("noise_l2_norm", "heatmap_l2_norm"):
+        if not settings[name] > 0:
+            raise ValueError(f"--config.analysis.{name}={settings[name]!r} must be positive.")
+    if labels and len(labels) != len(checkpoints):
+        raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints.")
+    for path in checkpoints:
+        loading.model_checkpoints(path, flag="--checkpoints")
