@@ -8,6 +8,7 @@ variables for the devices present now.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -57,7 +58,8 @@ def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
     A damaged best_robust/ of a run directory is an error, or with `allow_fallback` a warning
     and best_sum/ is loaded instead. `flag` is the option that named `path`, for messages.
     `official`: when `path` is an official PyTorch checkpoint file (.pt, .pth, .npz), the
-    description of its model (`experiment.official_description`); it is converted on the fly.
+    description of its model (`experiment.official_description`) unless the file has the
+    `<file>.json` that --mode export writes beside it; it is converted on the fly.
     """
     if os.path.isfile(path) and official is not None:
         return _load_official_file(path, mesh, official, dtype, fpcm_lowpass)
@@ -69,8 +71,9 @@ def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
             if index + 1 == len(candidates):
                 raise
             if not allow_fallback:
-                raise checkpoint.DamagedCheckpoint(f"{error} Pass --allow_fallback to load "
-                                        f"{candidates[index + 1]} instead.") from None
+                raise checkpoint.DamagedCheckpoint(
+                    f"{error} Pass --allow_fallback to load {candidates[index + 1]} "
+                    f"instead.") from None
             if parallel.is_main_process():
                 print(f"warning: {error} Loading {candidates[index + 1]} instead "
                       f"(--allow_fallback).", file=sys.stderr)
@@ -83,13 +86,27 @@ def _load_official_file(path: str, mesh, description: Dict[str, Any], dtype: str
     if not path.endswith(convert.OFFICIAL_FILE_SUFFIXES):
         raise ValueError(f"{path} is a file but not an official checkpoint (.pt, .pth, .npz); "
                          f"pass a checkpoint directory or a run directory.")
-    description = {**description, "source": path}
+    description = {**_companion_description(path, description), "source": path}
     model = experiment.model_from_description(description, dtype, fpcm_lowpass)
     variables = convert.from_official(path, model)
     sharding = parallel.replicated(mesh or parallel.make_mesh())
     variables = jax.tree.map(lambda leaf: parallel.global_array(np.asarray(leaf), sharding),
                              variables)
     return model, variables, description, path
+
+
+def _companion_description(path: str, assumed: Dict[str, Any]) -> Dict[str, Any]:
+    """The model an official-format file holds: its `<file>.json` (written by --mode export)
+    when there is one, else `assumed` (the official model the config names)."""
+    companion = path + ".json"
+    if not os.path.exists(companion):
+        return assumed
+    try:
+        with open(companion) as handle:
+            return experiment.complete(json.load(handle))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{companion} does not describe a model ({first_line(error)}); "
+                         f"move it away to read {path} as the config's model.") from None
 
 
 def _load_model_from(directory: str, mesh, overrides: Optional[Dict[str, Any]], dtype: str,

@@ -128,4 +128,3 @@ def test_every_plot_axis_is_labelled_and_colours_have_legends():
             assert axis.get_ylabel() or shares_y, name
         if name in ("band_noise.png", "filtered_accuracy.png", "feature_spectrum.png"):
             assert any(axis.get_legend() for axis in figure.axes), name
-        plots.plt.close(figure)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -148,21 +149,28 @@ def test_export_gives_the_official_state_dict_and_eval_takes_it_directly(officia
         assert pt.returncode == 1 and "needs PyTorch" in pt.stderr
         assert pt.stderr.count("\n") == 1 and not (tmp_path / "model.pt").exists()
     # Eval takes the official file directly, converted on the fly: the same accuracy as the
-    # converted checkpoint.
+    # converted checkpoint. The exported file's model.json companion says which model it holds
+    # (wrn-16-2, though the config names resnet18); without it, the config's model is assumed.
+    bare = tmp_path / "bare" / "model.npz"
+    os.makedirs(bare.parent)
+    shutil.copy(exported, bare)
     wrn_flags = ["--config", "configs/tiny.py", "--config.model.name=wrn-16-2",
-                 "--config.model.widths=()", "--config.model.stage_sizes=()", "--mode", "eval",
-                 "--attack", "none", "--num_examples", "40"]
+                 "--config.model.widths=()", "--config.model.stage_sizes=()"]
+    eval_flags = ["--mode", "eval", "--attack", "none", "--num_examples", "40"]
     reports = {}
-    for name, source in (("converted", tmp_path / "converted"), ("file", exported)):
-        result = run_main(*wrn_flags, "--checkpoint", str(source), "--workdir",
+    for name, source, flags in (("converted", tmp_path / "converted", wrn_flags),
+                                ("file", exported, ["--config", "configs/tiny.py"]),
+                                ("bare", bare, wrn_flags)):
+        result = run_main(*flags, *eval_flags, "--checkpoint", str(source), "--workdir",
                           str(tmp_path / f"eval_{name}"))
         assert result.returncode == 0, result.stderr
         [report] = [f for f in os.listdir(tmp_path / f"eval_{name}") if f.startswith("eval_")]
         reports[name] = json.load(open(tmp_path / f"eval_{name}" / report))
     assert reports["file"]["checkpoint"] == str(exported)
-    assert (reports["file"]["attacks"]["none"]["clean_acc"]
-            == reports["converted"]["attacks"]["none"]["clean_acc"])
+    assert reports["file"]["model"]["name"] == "wrn-16-2"
+    accuracies = {name: report["attacks"]["none"]["clean_acc"] for name, report in reports.items()}
+    assert accuracies["file"] == accuracies["converted"] == accuracies["bare"], accuracies
     wrong = run_main("--config", "configs/tiny.py", "--mode", "eval", "--attack", "none",
-                     "--checkpoint", str(exported), "--workdir", str(tmp_path / "wrong"))
+                     "--checkpoint", str(bare), "--workdir", str(tmp_path / "wrong"))
     assert wrong.returncode == 1 and wrong.stderr.startswith("error: ")
     assert "Traceback" not in wrong.stderr

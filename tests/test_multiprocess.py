@@ -250,9 +250,10 @@ def test_eval_with_a_contradicting_model_flag_names_the_field(runs):
 
 
 IMPORT_SCRIPT = """
-import main
-import fpcm_jax, fpcm_jax.analysis, fpcm_jax.attacks, fpcm_jax.convert, fpcm_jax.evaluate
-import fpcm_jax.layers, fpcm_jax.plots, fpcm_jax.train
+import importlib, pkgutil
+import main, fpcm_jax
+for module in pkgutil.walk_packages(fpcm_jax.__path__, "fpcm_jax."):
+    importlib.import_module(module.name)  # every module of the library
 from jax._src import xla_bridge
 print(xla_bridge.backends_are_initialized())
 """
