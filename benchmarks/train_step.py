@@ -87,7 +87,7 @@ def time_step(config, batch_size: int, timed_steps: int) -> dict:
     model, spec = experiment.build(config)
     tx, learning_rate = train_step.make_optimizer(config.train, steps_per_epoch)
     state = jax.device_put(train_step.create_state(model, tx, jax.random.key(0), spec.image_size,
-                                              ema=config.train.ema_decay > 0),
+                                                   ema=config.train.ema_decay > 0),
                            parallel.replicated(mesh))
     step = train_step.jit_train_step(
         train_step.make_train_step(model, tx, learning_rate, config, steps_per_epoch), mesh)

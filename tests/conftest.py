@@ -77,7 +77,7 @@ def read_train_state(workdir, config):
     model, spec = experiment.build(config)
     tx, _ = train_step.make_optimizer(config.train, 10)
     template = train_step.create_state(model, tx, jax.random.key(0), spec.image_size,
-                                  ema=config.train.ema_decay > 0)
+                                       ema=config.train.ema_decay > 0)
     run = run_dir.RunDirectory(workdir, experiment.describe(config))
     state, _ = run.checkpoints.restore_latest(template)
     return jax.device_get(state)

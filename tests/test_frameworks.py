@@ -228,8 +228,8 @@ def test_no_retrace_with_awp_and_ema_across_the_warm_up():
     tx, learning_rate = train_step.make_optimizer(config.train, 2)
     state = train_step.create_state(model, tx, jax.random.key(0), spec.image_size, ema=True)
     batch = one_step_setup(config)[2]
-    step_fn = chex.assert_max_traces(train_step.make_train_step(model, tx, learning_rate, config, 2),
-                                     n=1)
+    step_fn = chex.assert_max_traces(
+        train_step.make_train_step(model, tx, learning_rate, config, 2), n=1)
     step = jax.jit(step_fn)
     for _ in range(5):  # epochs 0 (no AWP), 1 and 2 (AWP)
         state, _ = step(state, batch, jax.random.key(0))

@@ -163,7 +163,8 @@ def test_damaged_training_checkpoint_falls_back_to_the_previous_one(tiny_model, 
             shutil.rmtree(work, ignore_errors=True)
             shutil.copytree(saved, work)
             damage(os.path.join(work, newest, name), how)
-            state, best = run_dir.RunDirectory(str(work), description).checkpoints.restore_latest(template)
+            run = run_dir.RunDirectory(str(work), description)
+            state, best = run.checkpoints.restore_latest(template)
             if int(state.step) == 2:
                 assert identical(state, make_state(config, model, 2)) and best == {"sum": 0.75}
                 continue

@@ -34,7 +34,7 @@ def build_step(config, steps_per_epoch, mesh, trace_limit=None):
     if trace_limit:
         step = chex.assert_max_traces(step, n=trace_limit)
     state = train_step.create_state(model, tx, jax.random.key(0), spec.image_size,
-                               ema=config.train.ema_decay > 0)
+                                    ema=config.train.ema_decay > 0)
     state = jax.device_put(state, parallel.replicated(mesh))
     return train_step.jit_train_step(step, mesh), state
 
@@ -97,7 +97,8 @@ def official_lr_factor(epoch, total, kind, warmup=5):
 def test_lr_schedule_matches_official(kind, total):
     for epoch in range(total):
         np.testing.assert_allclose(train_step.lr_factor(epoch, total, 5, kind),
-                                   official_lr_factor(epoch, total, kind), rtol=1e-5, err_msg=epoch)
+                                   official_lr_factor(epoch, total, kind), rtol=1e-5,
+                                   err_msg=epoch)
 
 
 def test_optimizer_is_pytorch_sgd_and_schedule_per_epoch():
