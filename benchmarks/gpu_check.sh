@@ -9,6 +9,11 @@
 # and the test suite under JAX_PLATFORMS=TEST_PLATFORMS (cuda) into OUT/tests.txt (TESTS=0
 # skips it). MODEL, BATCH and STEPS override the defaults (resnet18, 128, 5), e.g.
 # MODEL=wrn-10-1 BATCH=8 STEPS=1 EVAL_BATCH=8 TEST_PLATFORMS=cpu for a smoke run on CPU.
+# OFFICIAL_REPO=/path/to/official-checkout also times the official PyTorch step on the same
+# GPU in the same call (reference/official_train_step.py --device cuda, with and without FPCM,
+# at the same batch; TORCH_PYTHON picks the python with torch, default the same one) into
+# OUT/official_train_step.jsonl: the side-by-side figures of compare_official.md. OFFICIAL_DEVICE
+# (default cuda) lets the smoke run use cpu.
 # Takes about 8 minutes on one GPU (mostly compilation and the tests); the python in PATH
 # must have the project's requirements.
 set -euo pipefail
@@ -38,6 +43,13 @@ step --dtype float32 --fpcm-lowpass matmul
 step --dtype float32 --fpcm-lowpass fft
 attack --dtype float32
 attack --dtype bfloat16
+if [ -n "${OFFICIAL_REPO:-}" ]; then
+  for variant in "" --no-fpcm; do
+    "${TORCH_PYTHON:-$python}" "$here/reference/official_train_step.py" \
+        --official-repo "$OFFICIAL_REPO" --device "${OFFICIAL_DEVICE:-cuda}" --batch "$batch" \
+        --steps "$steps" $variant | tee -a "$out/official_train_step.jsonl"
+  done
+fi
 # Issue 10: PGD-50 as users evaluate (batch 512, fori_loop on GPU) must compile in seconds.
 "$python" "$here/attacks.py" --model "$model" --batch "${EVAL_BATCH:-512}" --attack pgd50 \
     --repeats 1 | tee -a "$out/attacks.jsonl"

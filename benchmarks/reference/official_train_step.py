@@ -7,7 +7,10 @@ environment outside the project with a checkout of the official repository (read
 nothing copied here):
 
     /tmp/torchenv/bin/python benchmarks/reference/official_train_step.py \
-        --official-repo /path/to/official [--no-fpcm] [--threads 2] [--steps 5]
+        --official-repo /path/to/official [--no-fpcm] [--threads 2] [--steps 5] [--device cuda]
+
+`--device cuda` runs it on the GPU as the official code does (its FPCM calls `.cuda()`);
+`benchmarks/gpu_check.sh` calls it so when OFFICIAL_REPO is set.
 
 Prints one JSON line like benchmarks/train_step.py.
 """
@@ -38,14 +41,16 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    torch.Tensor.cuda = lambda self, *a, **k: self  # the official FPCM calls .cuda()
+    if args.device == "cpu":
+        torch.Tensor.cuda = lambda self, *a, **k: self  # the official FPCM calls .cuda()
     sys.path.insert(0, args.official_repo)
     from PGD import PGD
     from resnets import ResNet18_FNet
-    model = ResNet18_FNet(num_classes=10)
+    model = ResNet18_FNet(num_classes=10).to(args.device)
     if args.no_fpcm:
         for name in ("attn1", "attn2", "attn3", "attn4"):
             setattr(model, name, NoFPCM())
@@ -54,6 +59,7 @@ def main():
     rng = np.random.default_rng(0)
     data = torch.from_numpy(rng.integers(0, 256, (args.batch, 3, 32, 32)).astype(np.float32) / 255)
     label = torch.from_numpy(rng.integers(0, 10, (args.batch,)))
+    data, label = data.to(args.device), label.to(args.device)
     epoch = 1
 
     def step():
@@ -64,6 +70,8 @@ def main():
         loss = F.cross_entropy(model(adv_data, epoch), label)
         loss.backward()
         optimizer.step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()  # GPU work is asynchronous: time it to the end
 
     step()  # warm-up
     times = []
@@ -76,7 +84,7 @@ def main():
         "benchmark": "official_train_step", "model": "resnet18", "fpcm": not args.no_fpcm,
         "batch": args.batch, "attack_steps": 10, "images_per_second": round(args.batch / median, 2),
         "step_seconds_median": round(median, 4), "timed_steps": args.steps,
-        "threads": args.threads, "torch": torch.__version__}))
+        "threads": args.threads, "device": args.device, "torch": torch.__version__}))
 
 
 if __name__ == "__main__":
