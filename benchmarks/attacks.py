@@ -52,7 +52,7 @@ def main():
 
     model = models.create(args.model, fpcm=not args.no_fpcm, fpcm_lowpass=args.fpcm_lowpass,
                           dtype=models.compute_dtype(args.dtype))
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = models.init_variables(model, jax.random.key(0))
     logits_fn = lambda params, x: model.apply(params, x, train=False, progress=1.0)
     x = jax.random.uniform(jax.random.key(1), (args.batch, 32, 32, 3))
     y = jnp.argmax(jax.jit(logits_fn)(variables, x), axis=1)

@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from fpcm_jax import data, losses, parallel
+from fpcm_jax import data, losses, models, parallel
 from fpcm_jax.attacks.pgd import pgd_iterate, uniform_start
 
 BN_MODES = ("train", "batch_stats_frozen", "eval")
@@ -134,8 +134,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
 def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                  image_size: int, ema: bool = False) -> TrainState:
     """The initial state; with `ema`, the moving averages start at the initial weights."""
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = model.init(key, dummy, train=False)
+    variables = models.init_variables(model, key, image_size)
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     copy = lambda tree: jax.tree.map(jnp.array, tree)
