@@ -4,31 +4,39 @@ without TensorFlow, and keep the splits prepared as uint8 `.npz` files.
     <data dir>/downloads/<archive>                    verified archives (or placed there by hand)
     <data dir>/fpcm_jax/<dataset>/{train,test}.npz    prepared splits: images (N,H,W,3) uint8,
                                                       labels (N,) int32
+    <data dir>/fpcm_jax/<dataset>/prepared.json       their SHA-256, checked on every read
+    <data dir>/fpcm_jax/<dataset>/prepare.lock        held by the process preparing the dataset
 
 <data dir> is `config.data.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (the
-tensorflow-datasets default). A download goes to `<archive>.part` and takes its name only once
-its length and SHA-256 are right; a prepared split is written to a temporary name and renamed
-when whole. So an interrupted or corrupted download leaves nothing that a later run takes for
-prepared data. The readers follow the official formats (and tensorflow-datasets' label order):
-CIFAR-10/100 binary records, SVHN's MATLAB files, Imagenette's JPEG folders.
+tensorflow-datasets default). One process at a time prepares a dataset (the lock); others wait,
+then read what it prepared. Downloads and prepared splits are written under temporary names of
+their own (`files.written_whole`) and renamed when whole, a download only once its length and
+SHA-256 are right; `prepared.json` is written last. So an interrupted or corrupted download
+leaves nothing that a later run takes for prepared data, and a prepared split damaged later
+(its SHA-256 differs) is prepared again, or refused in one line when its archive is gone. The
+readers follow the official formats (and tensorflow-datasets' label order): CIFAR-10/100 binary
+records, SVHN's MATLAB files, Imagenette's JPEG folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
+import json
 import os
 import sys
 import tarfile
 import urllib.error
 import urllib.request
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from fpcm_jax import progress
-from fpcm_jax.files import written_whole
+from fpcm_jax.files import write_json, written_whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +64,19 @@ OFFICIAL = {
                             "64d0c4859f35a461889e0147755a999a48b49bf38a7e0f9bd27003f10db02fe5")]),
 }
 CONNECT_TIMEOUT_SECONDS = 15  # offline, a download fails within this
+CHECKSUMS_FILE, LOCK_FILE = "prepared.json", "prepare.lock"
 
 
 class ArchiveError(RuntimeError):
     """A dataset archive cannot be downloaded or read; the message says what to do."""
+
+
+class NotPrepared(ArchiveError):
+    """Nothing of a dataset is prepared yet."""
+
+
+class DamagedData(ArchiveError):
+    """Prepared splits that are incomplete or differ from their recorded SHA-256."""
 
 
 def data_root(data_dir: Optional[str]) -> str:
@@ -73,10 +90,31 @@ def prepared_paths(name: str, data_dir: Optional[str]) -> Dict[str, str]:
 
 
 def is_prepared(name: str, data_dir: Optional[str]) -> bool:
-    return all(os.path.exists(path) for path in prepared_paths(name, data_dir).values())
+    """Whether the splits and their checksums are there (`load_prepared` verifies them)."""
+    paths = list(prepared_paths(name, data_dir).values())
+    checksums = os.path.join(os.path.dirname(paths[0]), CHECKSUMS_FILE)
+    return all(os.path.exists(path) for path in paths + [checksums])
+
+
+def load(name: str, data_dir: Optional[str], download: bool = True, source_url: str = "",
+         source_sha256: str = "", image_size: int = 32) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """The prepared splits, verified; prepared first when missing, and again when damaged."""
+    try:
+        return load_prepared(name, data_dir)
+    except NotPrepared:
+        prepare(name, data_dir, download, source_url, source_sha256, image_size)
+    except DamagedData as damage:
+        print(f"{damage} Preparing it again.", flush=True)
+        try:
+            prepare(name, data_dir, download, source_url, source_sha256, image_size)
+        except ArchiveError as error:
+            raise DamagedData(f"{damage} It cannot be prepared again: {error}") from None
+    return load_prepared(name, data_dir)
 
 
 def load_prepared(name: str, data_dir: Optional[str]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """The prepared splits, each checked against the SHA-256 recorded when it was prepared."""
+    _check_prepared(name, data_dir)
     splits = {}
     for split, path in prepared_paths(name, data_dir).items():
         with np.load(path) as stored:
@@ -84,22 +122,79 @@ def load_prepared(name: str, data_dir: Optional[str]) -> Dict[str, Tuple[np.ndar
     return splits
 
 
+def _check_prepared(name: str, data_dir: Optional[str]) -> None:
+    """Raise NotPrepared when nothing is prepared, DamagedData when the splits are incomplete
+    or differ from their checksums (hashing CIFAR-10's 184 MB of splits took 0.36 s warm, 0.9 s
+    cold, on a 2-core machine: cheap next to a start, so no cache that could miss damage)."""
+    paths = prepared_paths(name, data_dir)
+    checksums = os.path.join(os.path.dirname(paths["train"]), CHECKSUMS_FILE)
+    if not any(os.path.exists(path) for path in [checksums, *paths.values()]):
+        raise NotPrepared(f"Dataset {name} is not prepared in {os.path.dirname(checksums)}.")
+    try:
+        with open(checksums) as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DamagedData(f"The prepared {name} cannot be verified: {checksums} is unreadable "
+                          f"({error}).") from None
+    for path in paths.values():
+        if not os.path.exists(path):
+            raise DamagedData(f"{path} is missing (its checksum is in {checksums}).")
+        found, expected = file_sha256(path), recorded.get(os.path.basename(path))
+        if found != expected:
+            raise DamagedData(f"{path} is damaged: SHA-256 {found}, not the {expected} "
+                              f"recorded when it was prepared.")
+
+
 def prepare(name: str, data_dir: Optional[str], download: bool = True, source_url: str = "",
             source_sha256: str = "", image_size: int = 32) -> None:
-    """Download (unless the archives are there already) and prepare a dataset's splits."""
+    """Download (unless the archives are there already) and prepare a dataset's splits, unless
+    another process has just prepared them intact: one at a time, the others wait."""
     base_url, archives = OFFICIAL[name]
     archives = _with_checksums(archives, source_url, source_sha256)
-    downloads = os.path.join(data_root(data_dir), "downloads")
-    paths = [_fetch(archive, (source_url or base_url), downloads, download, name)
-             for archive in archives]
-    splits = READERS[name](paths, image_size)
-    for split, path in prepared_paths(name, data_dir).items():
-        images, labels = splits[split]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with written_whole(path, "wb") as handle:
-            np.savez(handle, images=images.astype(np.uint8), labels=labels.astype(np.int32))
-    print(f"Prepared {name} in {os.path.dirname(prepared_paths(name, data_dir)['train'])} "
-          f"({len(splits['train'][1])} training, {len(splits['test'][1])} test images).")
+    paths = prepared_paths(name, data_dir)
+    folder = os.path.dirname(paths["train"])
+    with _one_at_a_time(folder, name):
+        try:
+            _check_prepared(name, data_dir)
+            return  # prepared, intact, by another process while this one waited
+        except ArchiveError:
+            pass  # not prepared, or damaged: prepare it
+        downloads = os.path.join(data_root(data_dir), "downloads")
+        sources = [_fetch(archive, (source_url or base_url), downloads, download, name)
+                   for archive in archives]
+        splits = READERS[name](sources, image_size)
+        for split, path in paths.items():
+            images, labels = splits[split]
+            with written_whole(path, "wb") as handle:
+                np.savez(handle, images=images.astype(np.uint8), labels=labels.astype(np.int32))
+        write_json(os.path.join(folder, CHECKSUMS_FILE),
+                   {os.path.basename(path): file_sha256(path) for path in paths.values()})
+    print(f"Prepared {name} in {folder} ({len(splits['train'][1])} training, "
+          f"{len(splits['test'][1])} test images).")
+
+
+@contextlib.contextmanager
+def _one_at_a_time(folder: str, name: str) -> Iterator[None]:
+    """Hold `folder/prepare.lock` (released by the system if the process dies)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process preparing {name} ({lock.name}).", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without locks: the temporary names still hold
+            print(f"warning: cannot lock {lock.name} ({error}); preparing {name} unlocked.",
+                  file=sys.stderr)
+        yield
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _with_checksums(archives: List[Archive], source_url: str,
@@ -137,28 +232,23 @@ def _fetch(archive: Archive, base_url: str, downloads: str, download: bool,
                            f"False: place {archive.name} (from {url}) in {downloads}/, or allow "
                            f"the download.")
     os.makedirs(downloads, exist_ok=True)
-    partial = target + ".part"
-    try:
-        _download(url, partial, archive)
-        _verify(partial, archive, placed=False)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-    os.replace(partial, target)
+    with written_whole(target, "wb") as handle:
+        _download(url, handle, archive)
+        handle.flush()
+        _verify(handle.name, archive, placed=False)
     return target
 
 
-def _download(url: str, path: str, archive: Archive) -> None:
+def _download(url: str, handle: io.BufferedWriter, archive: Archive) -> None:
     try:
         response = urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_SECONDS)
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise ArchiveError(f"Cannot download {url} ({reason}). Offline? Place {archive.name} in "
-                           f"{os.path.dirname(path)}/ and run again.") from None
+                           f"{os.path.dirname(handle.name)}/ and run again.") from None
     expected = int(response.headers.get("Content-Length") or archive.size or 0)
     received = 0
-    with response, open(path, "wb") as handle:
+    with response:
         bar = progress.bar(expected or None, f"downloading {archive.name}", unit="B",
                            unit_scale=True)
         try:
@@ -180,14 +270,11 @@ def _download(url: str, path: str, archive: Archive) -> None:
 
 
 def _verify(path: str, archive: Archive, placed: bool) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != archive.sha256:
-        what = (f"{path} (placed there) has SHA-256 {digest.hexdigest()}, not the official "
-                f"{archive.sha256}: delete or replace it" if placed else
-                f"The downloaded {archive.name} has SHA-256 {digest.hexdigest()}, not "
+    found = file_sha256(path)
+    if found != archive.sha256:
+        what = (f"{path} (placed there) has SHA-256 {found}, not the expected "
+                f"{archive.sha256}: delete it, or replace it with the official file" if placed else
+                f"The downloaded {archive.name} has SHA-256 {found}, not "
                 f"{archive.sha256}; nothing was kept. Run again, or check "
                 f"--config.data.source_url / source_sha256")
         raise ArchiveError(what + ".")

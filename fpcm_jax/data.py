@@ -5,8 +5,9 @@ and gathers batches by index inside the jitted step. Where the splits come from,
 the splits prepared by `fpcm_jax.archives` (`<data dir>/fpcm_jax/<name>/`), tensorflow-datasets
 ArrayRecord data (read through `tfds.data_source`, which needs no TensorFlow), or else the
 official archive, downloaded (unless `data.download=False`), verified and prepared by
-`fpcm_jax.archives`, without TensorFlow. `data.prepare=True` prepares through
-tensorflow-datasets instead (needs TensorFlow).
+`fpcm_jax.archives`, without TensorFlow (one process at a time; prepared splits are checked
+against their SHA-256 on every read and prepared again when damaged). `data.prepare=True`
+prepares through tensorflow-datasets instead (needs TensorFlow).
 
 `digits` is scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package),
 upscaled to 32x32x3: small real data for the tiny config and the tests, no download needed.
@@ -152,12 +153,11 @@ def _load_official(name: str, spec: DatasetSpec, data_dir: Optional[str], prepar
                        for split in (spec.train_split, spec.test_split)]
         if None not in tfds_splits:
             return tfds_splits[0], tfds_splits[1]
-        try:
-            archives.prepare(name, data_dir, download, source_url, source_sha256,
-                             spec.image_size)
-        except archives.ArchiveError as error:
-            raise DatasetError(str(error)) from None
-    splits = archives.load_prepared(name, data_dir)
+    try:
+        splits = archives.load(name, data_dir, download, source_url, source_sha256,
+                               spec.image_size)
+    except archives.ArchiveError as error:
+        raise DatasetError(str(error)) from None
     return Split(*splits["train"]), Split(*splits["test"])
 
 

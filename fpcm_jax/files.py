@@ -1,8 +1,9 @@
 """Files written whole or not at all: the one way fpcm-jax writes a file that others read.
 
-Content goes to `<path>.partial`, is flushed to disk, then takes its name with one rename, so a
-reader (or a run resumed after a crash) sees the old file or the new one, never half of one.
-A failure removes the partial file.
+Content goes to `<path>.<pid>-<random>.partial`, a name no other writer uses, is flushed to
+disk, then takes its name with one rename, so a reader (or a run resumed after a crash) sees the
+old file or the new one, never half of one, and several processes writing one path at once each
+write whole (the last rename wins). A failure removes the partial file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from typing import Any, Iterator
 
 PARTIAL_SUFFIX = ".partial"
@@ -18,7 +20,7 @@ PARTIAL_SUFFIX = ".partial"
 @contextlib.contextmanager
 def written_whole(path: str, mode: str = "w") -> Iterator[Any]:
     """`with written_whole(path, "wb") as handle:` writes `path` atomically."""
-    partial = path + PARTIAL_SUFFIX
+    partial = f"{path}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
     try:
         with open(partial, mode) as handle:
             yield handle
