@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # JAX_PLATFORMS=cuda runs the sui
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU shared with subprocesses
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -66,6 +67,23 @@ def train_tiny_run(workdir):
     config = tiny_config(attack__steps=1, train__epochs=1, train__final_test_attack_steps=0)
     train.train_and_evaluate(config, str(workdir))
     return config
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory):
+    """(workdir, config) of one `train_tiny_run`, trained once for the whole session: read only
+    (tests that write into a run take `tiny_run`, a copy)."""
+    workdir = tmp_path_factory.mktemp("shared") / "tiny_run"
+    return workdir, train_tiny_run(workdir)
+
+
+@pytest.fixture
+def tiny_run(trained_tiny_run, tmp_path):
+    """(workdir, config): this test's own copy of the session's tiny trained run."""
+    source, config = trained_tiny_run
+    workdir = tmp_path / source.name
+    shutil.copytree(source, workdir)
+    return workdir, config.copy_and_resolve_references()
 
 
 def read_train_state(workdir, config):

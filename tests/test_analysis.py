@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from conftest import train_tiny_run
-from fpcm_jax import analysis, models
+from fpcm_jax import analysis, data, models
 from fpcm_jax.layers import FPCM
 
 
@@ -32,6 +31,8 @@ def test_lowpass_plus_highpass_is_the_image():
         total = analysis.ideal_lowpass(x, radius) + analysis.ideal_highpass(x, radius)
         np.testing.assert_allclose(total, x, atol=1e-5)
     np.testing.assert_allclose(analysis.ideal_lowpass(x, 1.0), x, atol=1e-5)
+    # The widest radius the analyses use is the spectrum's corner: it keeps every coefficient.
+    np.testing.assert_allclose(analysis.ideal_lowpass(x, analysis.MAX_RADIUS), x, atol=1e-5)
 
 
 class LowFrequencyNet(nn.Module):
@@ -82,22 +83,96 @@ def test_high_frequency_share():
     assert analysis.high_frequency_share(jnp.asarray(smooth)) < 1e-6
 
 
-def test_analyze_end_to_end_writes_json_and_figures(tmp_path):
-    run = tmp_path / "pgdat_run"
-    config = train_tiny_run(run)
+class LowFrequencyDetailNet(nn.Module):
+    """Sees only frequencies up to 0.13 cycles/pixel of the image minus 0.5 (so its
+    predictions vary with the images' low-frequency detail, not with their mean)."""
+
+    @nn.compact
+    def __call__(self, x, train=False, progress=1.0):
+        low = analysis.ideal_lowpass(x - 0.5, 0.13)
+        return nn.Dense(10)(low.reshape(x.shape[0], -1) * 20.0)
+
+
+def test_band_noise_and_filters_of_a_low_frequency_model():
+    """Noise in the bands above 0.236 and a low-pass above 0.13 change none of the model's
+    predictions; low-band noise and a narrower low-pass change many (accuracy 0.22 and 0.19
+    here, all of it deterministic); at noise norm 0 every band gives the clean accuracy. The
+    images lie in [0.45, 0.55] and noise of L2 norm 1 over 768 values has a standard deviation
+    of 0.036, so clipping to [0, 1] never adds frequencies the model sees."""
+    x = np.asarray(0.45 + 0.1 * jax.random.uniform(jax.random.key(1), (32, 16, 16, 3)))
+    model = LowFrequencyDetailNet()
+    variables = model.init(jax.random.key(2), jnp.asarray(x))
+    predict = lambda images: np.asarray(model.apply(variables, jnp.asarray(images))).argmax(-1)
+    y = predict(x)  # clean accuracy 1
+    assert len(set(y)) >= 5
+    analyzer = analysis.Analyzer(model, variables, batch_size=8)
+    assert analyzer.band_noise(x, y, jax.random.key(3), 3, 0.0) == [1.0, 1.0, 1.0]
+    noisy = analyzer.band_noise(x, y, jax.random.key(3), 3, 1.0)
+    assert noisy[0] < 0.5 and noisy[1:] == [1.0, 1.0]
+    filtered = analyzer.filtered(x, y, [0.05, 0.2, analysis.MAX_RADIUS])
+    assert filtered["lowpass"][0] < 0.5 and filtered["lowpass"][1:] == [1.0, 1.0]
+    assert filtered["highpass"][-1] == float(np.mean(predict(np.zeros_like(x)) == y)) < 0.5
+    assert not analyzer.fourier_heat_map(x, y, jax.random.key(4), 0.0).any()
+    # One entry of the heat map from its definition: error under x + s * v * U(1, 1) / sqrt(3).
+    heat = np.fft.ifftshift(analyzer.fourier_heat_map(x, y, jax.random.key(4), 1.5))
+    signs = np.asarray(jax.random.rademacher(jax.random.key(4), (32, 1, 1, 1)))
+    basis = analysis.fourier_basis(16, 16, 1, 1)[None, :, :, None] / np.sqrt(3)
+    direct = np.mean(predict(np.clip(x + 1.5 * signs * basis, 0, 1)) != y)
+    assert heat[1, 1] == np.float32(direct) and 0 < direct < 1
+
+
+class ConstantNet(nn.Module):
+    """Logits that do not depend on the input."""
+
+    @nn.compact
+    def __call__(self, x, train=False, progress=1.0):
+        bias = self.param("bias", lambda key: jnp.arange(10.0) % 3)  # always predicts class 2
+        return jnp.broadcast_to(bias, (x.shape[0], 10)) + 0.0 * x.sum()
+
+
+def test_heat_map_of_a_constant_model_is_flat_at_its_error_rate():
+    x = np.asarray(jax.random.uniform(jax.random.key(4), (12, 8, 8, 3)))
+    y = np.arange(12) % 4  # three of twelve are class 2
+    model = ConstantNet()
+    variables = model.init(jax.random.key(0), jnp.asarray(x))
+    heat = analysis.Analyzer(model, variables).fourier_heat_map(x, y, jax.random.key(1), 6.0)
+    np.testing.assert_array_equal(heat, np.full((8, 8), 0.75, np.float32))
+
+
+def test_analyze_end_to_end_without_noise_gives_the_clean_accuracy(trained_tiny_run, tmp_path):
+    """At noise norm 0 every band and every heat-map entry is the clean figure; the widest
+    low-pass keeps the whole spectrum (clean accuracy) and its high-pass leaves a zero image.
+    (The one-epoch tiny model predicts almost one class: the analyses' values are checked on a
+    model with a known frequency response above.)"""
+    run, config = trained_tiny_run
+    config = config.copy_and_resolve_references()
     config.analysis.num_examples = 40
-    config.analysis.heatmap_examples = 4
+    config.analysis.heatmap_examples = 8
     config.analysis.filter_steps = 3
     config.analysis.bands = 3
     config.analysis.feature_examples = 8
+    config.analysis.noise_l2_norm = 0.0
+    config.analysis.heatmap_l2_norm = 0.0
     result = analysis.run_analysis(config, [str(run)], str(tmp_path / "out"))
-    assert result["labels"] == ["pgdat_run"]
+    assert result["labels"] == ["tiny_run"]
     with open(tmp_path / "out" / "analysis.json") as handle:
         saved = json.load(handle)
-    model = saved["models"]["pgdat_run"]
-    assert len(model["band_noise_accuracy"]) == 3 and len(model["fourier_heat_map"]) == 32
-    assert set(model["alpha"]) == {"attn1", "attn2", "attn3", "attn4"}
-    assert set(model["feature_high_frequency_share"]["stage1"]) == {"before", "after"}
+    figures = saved["models"]["tiny_run"]
+    model, variables, _ = analysis.load_checkpoint_model(str(run), config)
+    predict = lambda images: np.asarray(model.apply(variables, jnp.asarray(images), train=False,
+                                                    progress=1.0)).argmax(-1)
+    _, _, test_split = data.load_for(config)
+    x, y = data.to_float(test_split.images[:40]), test_split.labels[:40]
+    clean = float(np.mean(predict(x) == y))
+    assert figures["clean_accuracy"] == clean
+    assert figures["band_noise_accuracy"] == [clean] * 3
+    assert figures["filtered_accuracy"]["lowpass"][-1] == clean
+    assert figures["filtered_accuracy"]["highpass"][-1] == float(
+        np.mean(predict(np.zeros_like(x)) == y))
+    clean_error_heat = float(np.mean(predict(x[:8]) != y[:8]))
+    np.testing.assert_allclose(figures["fourier_heat_map"], clean_error_heat, rtol=0, atol=1e-7)
+    assert set(figures["alpha"]) == {"attn1", "attn2", "attn3", "attn4"}
+    assert set(figures["feature_high_frequency_share"]["stage1"]) == {"before", "after"}
     for name in ("alpha_distribution", "band_noise", "filtered_accuracy", "fourier_heat_map",
                  "feature_spectrum"):
         assert os.path.getsize(tmp_path / "out" / f"{name}.png") > 1000

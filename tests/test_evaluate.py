@@ -6,13 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_config, train_tiny_run
+from conftest import tiny_config
 from fpcm_jax import checkpoint, config_checks, data, evaluate, experiment, models
 
 
-def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
-    config = train_tiny_run(tmp_path)
-    report = evaluate.run_evaluation(config, str(tmp_path), ["none", "pgd3", "apgd-ce"],
+def test_eval_counts_every_example_once_and_writes_a_report(tiny_run):
+    workdir, config = tiny_run
+    report = evaluate.run_evaluation(config, str(workdir), ["none", "pgd3", "apgd-ce"],
                                      num_examples=50, batch_size=16,
                                      autoattack_options={"n_iter": 5})
     assert report["examples"] == 50 and report["checkpoint"].endswith("best_robust")
@@ -34,14 +34,14 @@ def test_eval_counts_every_example_once_and_writes_a_report(tmp_path):
     assert saved["attacks"]["apgd-ce"]["parameters"]["apgd"]["n_iter"] == 5
     assert os.path.basename(report["report_path"]) == (
         "eval_test_none_pgd3_apgd-ce_eps8-255_step2-255_n50.json")
-    assert saved["complete"] and not [n for n in os.listdir(tmp_path) if "partial" in n]
+    assert saved["complete"] and not [n for n in os.listdir(workdir) if "partial" in n]
     # Other settings get another name; a rerun of the same settings keeps the history.
-    again = evaluate.run_evaluation(config, str(tmp_path), ["none"], num_examples=40, eps=0.01,
+    again = evaluate.run_evaluation(config, str(workdir), ["none"], num_examples=40, eps=0.01,
                                     seed=3, split="validation")
     assert os.path.basename(again["report_path"]) == "eval_validation_none_eps0.01_n40_seed3.json"
-    evaluate.run_evaluation(config, str(tmp_path), ["none"], num_examples=40, eps=0.01, seed=3,
+    evaluate.run_evaluation(config, str(workdir), ["none"], num_examples=40, eps=0.01, seed=3,
                             split="validation")
-    history = [json.loads(line) for line in open(tmp_path / evaluate.HISTORY_FILE)]
+    history = [json.loads(line) for line in open(workdir / evaluate.HISTORY_FILE)]
     assert [entry["examples"] for entry in history] == [50, 40, 40]
     assert os.path.exists(report["report_path"])
 
@@ -58,8 +58,8 @@ def test_bad_eval_options_are_refused(option, value, message):
         config_checks.check_evaluation(tiny_config(), "pgd3", **{option: value})
 
 
-def test_an_interrupted_autoattack_keeps_the_components_it_finished(tmp_path, monkeypatch):
-    config = train_tiny_run(tmp_path)
+def test_an_interrupted_autoattack_keeps_the_components_it_finished(tiny_run, monkeypatch):
+    workdir, config = tiny_run
     real_autoattack = evaluate.attacks.autoattack
 
     def stopped_after_the_first_component(*args, progress=None, **kwargs):
@@ -71,11 +71,11 @@ def test_an_interrupted_autoattack_keeps_the_components_it_finished(tmp_path, mo
 
     monkeypatch.setattr(evaluate.attacks, "autoattack", stopped_after_the_first_component)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run_evaluation(config, str(tmp_path), ["pgd2", "autoattack"], num_examples=24,
+        evaluate.run_evaluation(config, str(workdir), ["pgd2", "autoattack"], num_examples=24,
                                 batch_size=8, autoattack_options={"n_iter": 3, "n_queries": 5})
-    [partial] = [name for name in os.listdir(tmp_path) if name.startswith("eval_")]
+    [partial] = [name for name in os.listdir(workdir) if name.startswith("eval_")]
     assert partial.endswith(".partial.json")
-    saved = json.load(open(tmp_path / partial))
+    saved = json.load(open(workdir / partial))
     assert saved["complete"] is False and saved["attacks"]["pgd2"]["robust_acc"] >= 0
     assert saved["attacks"]["autoattack"]["components_done"] == "apgd-ce"
     assert 0 <= saved["attacks"]["autoattack"]["robust_acc_so_far"] <= 1

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import needs_four_devices, read_train_state, tiny_config, train_tiny_run
+from conftest import needs_four_devices, read_train_state, tiny_config
 from fpcm_jax import config_checks, data, experiment, losses, parallel, train, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,10 +318,10 @@ def read_events(directory):
     return scalars, histograms
 
 
-def test_tensorboard_events_and_curves_hold_the_logged_values(tmp_path):
-    train_tiny_run(tmp_path)
-    scalars, histograms = read_events(tmp_path / "tensorboard")
-    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+def test_tensorboard_events_and_curves_hold_the_logged_values(trained_tiny_run):
+    workdir, _ = trained_tiny_run
+    scalars, histograms = read_events(workdir / "tensorboard")
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     steps = [line for line in lines if "loss" in line]
     for name in ("loss", "clean_acc", "adv_acc", "lr", "cutoff_progress"):
         logged = scalars[f"train/{name}"]
@@ -331,8 +331,8 @@ def test_tensorboard_events_and_curves_hold_the_logged_values(tmp_path):
     [validation] = [line for line in lines if "val_clean_acc" in line]
     assert scalars["validation/robust_acc"] == [(validation["step"],
                                                  pytest.approx(validation["val_robust_acc"]))]
-    summary = json.load(open(tmp_path / "summary.json"))
+    summary = json.load(open(workdir / "summary.json"))
     assert scalars["test/clean_acc"][0][1] == pytest.approx(summary["test_clean_acc"])
     assert "train/images_per_second" in scalars
     assert histograms == {f"alpha/attn{i}" for i in range(1, 5)}
-    assert os.path.getsize(tmp_path / "curves.png") > 1000
+    assert os.path.getsize(workdir / "curves.png") > 1000
