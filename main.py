@@ -32,7 +32,7 @@ flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, f
 flags.DEFINE_string("checkpoint", None, "eval, export: a model checkpoint or a run directory "
                     "(default: the workdir's best_robust/, else best_sum/); eval also takes an "
                     "official PyTorch file (.pt, .pth, .npz) of --config.model.name.")
-flags.DEFINE_string("out", None, "export: the file to write, model.pt (needs torch) or model.npz.")
+flags.DEFINE_string("out", None, "export: the file to write, model.pt (PyTorch zip format, written without torch) or model.npz.")
 flags.DEFINE_float("eps", None, "eval: L-inf radius (default: config.attack.eps = 8/255).")
 flags.DEFINE_float("step_size", None, "eval: step of pgdN and cwN (default: "
                    "config.attack.step_size = 2/255).")

@@ -3,12 +3,13 @@
     variables = convert.from_official("ResNet18-CIFAR10-PGD.pt", models.create("resnet18"))
     python -m fpcm_jax.convert official.pt --model resnet18 --out DIR [--num-classes 10]
 
-Accepts a dict of arrays, an .npz whose keys are the state_dict names, or a .pt/.pth file when
-torch is installed (torch stays optional). Our module names mirror the official ones with '.'
-written '_' ('layer1.0.shortcut.0' is 'layer1_0/shortcut_0'), so each Flax leaf names its
-PyTorch key. A `module.` prefix (DataParallel) is removed; `learnable_freq_control` (unused by
-the official model) and `num_batches_tracked` are skipped; anything missing, left over or of
-the wrong shape stops with an error naming the key.
+Accepts a dict of arrays, an .npz whose keys are the state_dict names, or a .pt/.pth file as
+torch.save writes it, read without PyTorch by `torch_zip` (tensors and dicts only; no pickled
+code is run). Our module names mirror the official ones with '.' written '_'
+('layer1.0.shortcut.0' is 'layer1_0/shortcut_0'), so each Flax leaf names its PyTorch key.
+A `module.` prefix (DataParallel) is removed; `learnable_freq_control` (unused by the official
+model) and `num_batches_tracked` are skipped; anything missing, left over or of the wrong
+shape stops with an error naming the key.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from fpcm_jax import checkpoint, experiment, models, parallel
+from fpcm_jax import checkpoint, experiment, models, parallel, torch_zip
 
 OFFICIAL_FILE_SUFFIXES = (".pt", ".pth", ".npz")
 IGNORED_SUFFIXES = ("learnable_freq_control", "num_batches_tracked")
@@ -63,7 +64,7 @@ def to_flax_layout(value: np.ndarray, target_shape: Tuple[int, ...], key: str) -
 def load_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, np.ndarray]:
     """A state_dict as {name: numpy array} from a dict, an .npz or a torch .pt/.pth file."""
     if isinstance(source, Mapping):
-        state = dict(source)
+        state = source
     else:
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -72,23 +73,14 @@ def load_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[
             with np.load(path) as archive:
                 state = {name: archive[name] for name in archive.files}
         else:
-            state = _load_torch(path)
+            state = torch_zip.load(path)
+            if not isinstance(state, Mapping):
+                raise ConversionError(f"{path} holds a {type(state).__name__}, not a state_dict "
+                                      f"(a dict of tensors).")
     for wrapper in ("state_dict", "model", "net"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
-            state = dict(state[wrapper])
+            state = state[wrapper]
     return {_strip_prefix(name): _to_numpy(value) for name, value in state.items()}
-
-
-def _load_torch(path: str) -> Dict[str, Any]:
-    try:
-        import torch  # optional: only needed to read .pt files
-    except ImportError as error:
-        raise ImportError(
-            f"Reading {path!r} needs PyTorch, which fpcm-jax does not install. Either "
-            f"`pip install torch` (CPU build is enough), or convert it elsewhere to .npz: "
-            f"np.savez('ckpt.npz', **{{k: v.numpy() for k, v in torch.load(path).items()}})."
-        ) from error
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _strip_prefix(name: str) -> str:
@@ -131,31 +123,45 @@ def from_official(source: Union[str, os.PathLike, Mapping[str, Any]], model: nn.
 
 
 def to_official(variables: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Flax variables -> an official-layout PyTorch state_dict of numpy arrays (the inverse of
+    """Flax variables -> the official PyTorch state_dict as numpy arrays (the inverse of
     `from_official`), e.g. to run PyTorch tools such as the official AutoAttack on our models.
 
     Depthwise FPCM projections become (C, 1, 1), dense ones (C, C, 1), as the official Conv1d.
-    `num_batches_tracked` entries are not produced (load with strict=False).
+    The entries we do not keep are filled as the official model holds them, so that PyTorch
+    loads the result with strict=True: each BatchNorm's `num_batches_tracked` as 0 (unused with
+    momentum 0.1) and, beside a depthwise projection, the unused `learnable_freq_control` as
+    its initial ones.
     """
     state = {}
     for collection in ("params", "batch_stats"):
         for path, value in traverse_util.flatten_dict(variables.get(collection, {})).items():
-            value = np.asarray(value, np.float32)
-            if value.ndim == 4:
-                value = value.transpose(3, 2, 0, 1)
-            elif value.ndim == 2:
-                value = value.T
-            if path[-2:-1] == ("projection",) and path[-1] == "kernel":
-                value = value.reshape(value.shape + (1,) * (3 - value.ndim))
-            state[torch_key(collection, path)] = np.ascontiguousarray(value)
+            key = torch_key(collection, path)
+            state[key] = _to_torch_layout(np.asarray(value, np.float32), path)
+            module = key.rsplit(".", 1)[0]
+            if path[-1] == "mean":
+                state[f"{module}.num_batches_tracked"] = np.array(0, np.int64)
+            if path[-2:] == ("projection", "kernel") and np.ndim(value) == 1:  # depthwise
+                fpcm = module.rsplit(".", 1)[0]
+                state[f"{fpcm}.learnable_freq_control"] = np.ones(np.shape(value), np.float32)
     return state
+
+
+def _to_torch_layout(value: np.ndarray, path: Tuple[str, ...]) -> np.ndarray:
+    """Flax -> PyTorch layout: HWIO -> OIHW, (in, out) -> (out, in), FPCM kernels as Conv1d."""
+    if value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2:
+        value = value.T
+    if path[-2:] == ("projection", "kernel"):
+        value = value.reshape(value.shape + (1,) * (3 - value.ndim))
+    return np.ascontiguousarray(value)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fpcm_jax.convert",
         description="Convert an official PyTorch FPCM checkpoint to an fpcm-jax orbax checkpoint.")
-    parser.add_argument("checkpoint", help="official .pt/.pth file (needs torch) or .npz")
+    parser.add_argument("checkpoint", help="official .pt/.pth file (torch.save) or .npz")
     parser.add_argument("--model", required=True, help="resnet18, wrn-34-10, ...")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--no-fpcm", action="store_true", help="a baseline without FPCM")
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
         model = experiment.model_from_description(model_info)
         variables = from_official(args.checkpoint, model)
         checkpoint.save_variables(args.out, variables, model_info)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))

@@ -1,6 +1,5 @@
 """Official state_dict conversion: formats, prefixes, errors, the CLI and orbax round trip."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fpcm_jax import checkpoint, convert, experiment, models
+from fpcm_jax import checkpoint, convert, experiment, export, models, torch_zip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,25 +63,57 @@ def test_checkpoint_of_another_model_is_refused(official_resnet18, official_wrn1
         convert.from_official(official_wrn16_2[1], models.create("wrn-16-2", fpcm=False))
 
 
-def test_missing_file_and_pt_without_torch(tmp_path, wrn):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        convert.from_official(str(tmp_path / "nope.pt"), wrn)
-    pt = tmp_path / "official.pt"
-    pt.write_bytes(b"not really")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install torch"):
-            convert.from_official(str(pt), wrn)
+def numbered_variables(model):
+    """The model's variables in Flax layout, each element a distinct number."""
+    template = models.variables_template(model)
+    leaves, tree = jax.tree.flatten(template)
+    counter = iter(range(1, len(leaves) + 1))
+    return jax.tree.unflatten(tree, [
+        next(counter) * 1e-3 + np.arange(np.prod(leaf.shape), dtype=np.float32)
+        .reshape(leaf.shape) for leaf in leaves])
 
 
-def test_pt_file_when_torch_is_installed(official_wrn16_2, wrn, tmp_path):
-    torch = pytest.importorskip("torch")
-    arrays, state_dict = official_wrn16_2
-    path = tmp_path / "official.pt"
-    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, path)
-    np.testing.assert_allclose(logits(wrn, convert.from_official(str(path), wrn), arrays["x_eval"]),
-                               arrays["logits_eval_60"], rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("name, fixture_name", [("resnet18", "official_resnet18"),
+                                                 ("wrn-16-2", "official_wrn16_2")])
+def test_export_has_the_official_names_shapes_and_layouts(name, fixture_name, request):
+    """Names, shapes and dtypes as the official model's state_dict (its key list recorded by
+    the official code in the fixture); each element where PyTorch keeps it: conv OIHW[o,i,h,w]
+    = HWIO[h,w,i,o], linear (out, in), FPCM projections as Conv1d weights."""
+    arrays, official = request.getfixturevalue(fixture_name)
+    official_shapes = {key: tuple(shape) for key, shape in
+                       json.loads(str(arrays["keys_json"])).items()}
+    variables = numbered_variables(models.create(name))
+    exported = convert.to_official(variables)
+    assert {key: value.shape for key, value in exported.items()} == official_shapes
+    for key, value in exported.items():
+        assert value.dtype == official[key].dtype, key
+    params = variables["params"]
+    stem = params["conv1"]["kernel"]
+    np.testing.assert_array_equal(exported["conv1.weight"], np.einsum("hwio->oihw", stem))
+    head = params["linear" if name == "resnet18" else "fc"]["kernel"]
+    np.testing.assert_array_equal(exported["linear.weight" if name == "resnet18" else "fc.weight"],
+                                  np.einsum("io->oi", head))
+    projection = params["attn2"]["projection"]["kernel"]
+    official_projection = exported["attn2.projection.weight"]
+    if name == "resnet18":  # depthwise: weight[c, 0, 0] scales channel c
+        np.testing.assert_array_equal(official_projection[:, 0, 0], projection)
+    else:  # dense: weight[out, in, 0]
+        np.testing.assert_array_equal(official_projection[:, :, 0], np.einsum("io->oi",
+                                                                              projection))
+    np.testing.assert_array_equal(exported["bn1.running_var"], variables["batch_stats"]["bn1"]
+                                  ["var"])
+
+
+@pytest.mark.parametrize("name, fixture_name", [("resnet18", "official_resnet18"),
+                                                 ("wrn-16-2", "official_wrn16_2")])
+def test_official_arrays_come_back_from_a_conversion_and_export_unchanged(name, fixture_name,
+                                                                         request):
+    _, official = request.getfixturevalue(fixture_name)
+    exported = convert.to_official(convert.from_official(official, models.create(name)))
+    assert set(exported) == set(official)
+    for key, value in official.items():
+        assert exported[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
 def test_cli_writes_a_checkpoint_that_loads(official_wrn16_2, wrn, tmp_path):
@@ -139,15 +170,18 @@ def test_export_gives_the_official_state_dict_and_eval_takes_it_directly(officia
     np.testing.assert_array_equal(logits(wrn, again, arrays["x_eval"]),
                                   logits(wrn, variables, arrays["x_eval"]))
     assert json.load(open(str(exported) + ".json"))["name"] == "wrn-16-2"
-    # An existing --out, and .pt without torch, are one-line errors that write nothing.
+    # An existing --out is a one-line error.
     existing = run_main("--config", "configs/tiny.py", "--mode", "export", "--checkpoint",
                         str(tmp_path / "converted"), "--out", str(exported))
     assert existing.returncode == 1 and "exists" in existing.stderr
-    if importlib.util.find_spec("torch") is None:
-        pt = run_main("--config", "configs/tiny.py", "--mode", "export", "--checkpoint",
-                      str(tmp_path / "converted"), "--out", str(tmp_path / "model.pt"))
-        assert pt.returncode == 1 and "needs PyTorch" in pt.stderr
-        assert pt.stderr.count("\n") == 1 and not (tmp_path / "model.pt").exists()
+    # A .pt export (no torch needed) holds the same arrays.
+    export.export(str(tmp_path / "converted"), str(tmp_path / "model.pt"))
+    from_pt = torch_zip.load(tmp_path / "model.pt")
+    with np.load(exported) as archive:
+        assert list(from_pt) == list(archive.files)
+        for name in archive.files:
+            assert from_pt[name].dtype == archive[name].dtype, name
+            np.testing.assert_array_equal(from_pt[name], archive[name], err_msg=name)
     # Eval takes the official file directly, converted on the fly: the same accuracy as the
     # converted checkpoint. The exported file's model.json companion says which model it holds
     # (wrn-16-2, though the config names resnet18); without it, the config's model is assumed.
