@@ -78,12 +78,25 @@ class _State(NamedTuple):
     reduced_last_check: jax.Array
 
 
+def _random_start(x: jax.Array, key: jax.Array, eps: float,
+                  noise: Optional[jax.Array] = None) -> jax.Array:
+    """x + eps * noise / max|noise| per example, clipped to [0, 1]; noise uniform in [-1, 1]
+    drawn from `key` (one key per example, or one split) unless given."""
+    if noise is None:
+        keys = example_keys(key, x.shape[0])
+        noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(keys)
+    scale = jnp.max(jnp.abs(noise).reshape(x.shape[0], -1), axis=1) + 1e-12
+    return jnp.clip(x + eps * noise / per_example(scale, x), 0.0, 1.0)
+
+
 def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax.Array,
              y: jax.Array, key: jax.Array, eps: float, n_iter: int = 100,
-             rho: float = 0.75, unroll: Optional[bool] = None
-             ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+             rho: float = 0.75, unroll: Optional[bool] = None,
+             start_noise: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """One APGD run on loss_fn(x) -> (per-example loss, logits).
 
+    start_noise: the uniform draw in [-1, 1] (shaped like x) that the random start scales to
+    the eps-ball; None draws it from `key` (tests pass the reference's draw).
     Returns (x_best_adv, robust, gradient at the start) for each example.
     """
     grad_fn = jax.grad(lambda inputs: _sum_loss(loss_fn, inputs), has_aux=True)
@@ -92,10 +105,7 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
         grad, (loss, logits) = grad_fn(inputs)
         return grad, loss, jnp.argmax(logits, axis=1) == y
 
-    keys = example_keys(key, x.shape[0])
-    noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0))(keys)
-    scale = jnp.max(jnp.abs(noise).reshape(x.shape[0], -1), axis=1) + 1e-12
-    x_adv = jnp.clip(x + eps * noise / per_example(scale, x), 0.0, 1.0)
+    x_adv = _random_start(x, key, eps, start_noise)
     grad, loss, correct = evaluate(x_adv)
     start_grad = grad
     batch = x.shape[0]
@@ -157,11 +167,12 @@ def _sum_loss(loss_fn, inputs):
 
 def apgd_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
                key: jax.Array, eps: float = 8 / 255, n_iter: int = 100, loss: str = "ce",
-               target_rank=2, rho: float = 0.75, unroll: Optional[bool] = None):
+               target_rank=2, rho: float = 0.75, unroll: Optional[bool] = None,
+               start_noise: Optional[jax.Array] = None):
     """One APGD run on the points classified correctly: (x_adv, robust, zero-gradient flags).
 
     loss: 'ce', 'dlr', or 'dlr-targeted' against the class ranked `target_rank` (2 = the most
-    likely wrong class at the clean point; may be a traced value).
+    likely wrong class at the clean point; may be a traced value). start_noise: `apgd_run`'s.
     """
     clean_logits = logits_fn(x)
     if loss == "ce":
@@ -179,7 +190,7 @@ def apgd_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax
         return example_loss(logits), logits
 
     clean_correct = jnp.argmax(clean_logits, axis=1) == y
-    x_adv, robust, grad = apgd_run(loss_fn, x, y, key, eps, n_iter, rho, unroll)
+    x_adv, robust, grad = apgd_run(loss_fn, x, y, key, eps, n_iter, rho, unroll, start_noise)
     fooled = clean_correct & ~robust
     x_out = jnp.where(per_example(fooled, x), x_adv, x)
     zero_grad = clean_correct & (jnp.sum(jnp.abs(grad).reshape(x.shape[0], -1), axis=1) == 0)

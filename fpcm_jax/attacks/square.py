@@ -36,19 +36,33 @@ def square_attack(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: 
     return square_stage(logits_fn, x, y, key, eps, n_queries, p_init)[0]
 
 
+def _random_draws(loop_key: jax.Array, i, channels: int):
+    """Query i's draws: uniforms in [0, 1) placing the window (2,), its signs (1, 1, C)."""
+    position_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i))
+    return (jax.random.uniform(position_key, (2,)),
+            jax.random.choice(sign_key, jnp.array([-1.0, 1.0]), (1, 1, channels)))
+
+
 def square_stage(logits_fn, x, y, key, eps=8 / 255, n_queries=5000, p_init=0.8,
-                 shared_key=None):
+                 shared_key=None, draws=None):
     """(x_adv, robust) for the points classified correctly.
 
     key: one key, or one per example (their initial stripes); shared_key, when given, drives
     the window positions and signs shared by the batch (so they do not depend on the batch).
+    draws: None, or given draws in place of the random ones (tests replay the reference's):
+    (stripe signs (B, 1, W, C), window uniforms (n_queries, 2), window signs (n_queries, C)).
     """
     batch, height, width, channels = x.shape
     correct = jnp.argmax(logits_fn(x), axis=1) == y
     keys = example_keys(key, batch)
     loop_key = jax.random.fold_in(keys[0], 1) if shared_key is None else shared_key
-    stripes = jax.vmap(lambda k: jax.random.choice(
-        k, jnp.array([-1.0, 1.0]), (1, width, channels)))(keys)
+    if draws is None:
+        stripes = jax.vmap(lambda k: jax.random.choice(
+            k, jnp.array([-1.0, 1.0]), (1, width, channels)))(keys)
+        query_draws = lambda i: _random_draws(loop_key, i, channels)
+    else:
+        stripes = draws[0]
+        query_draws = lambda i: (draws[1][i], draws[2][i].reshape(1, 1, channels))
     x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
     margin_min = jnp.where(correct, margin(logits_fn(x_best), y), -1.0)
     rows = jnp.arange(height)[:, None, None]
@@ -60,15 +74,13 @@ def square_stage(logits_fn, x, y, key, eps=8 / 255, n_queries=5000, p_init=0.8,
 
     def body(state):
         i, x_best, margin_min = state
-        position_key, sign_key = jax.random.split(jax.random.fold_in(loop_key, i))
+        uniforms, signs = query_draws(i)
         p = p_selection(i, p_init)
         side = jnp.round(jnp.sqrt(p * height * width)).astype(jnp.int32)
         side = jnp.clip(side, 1, min(height, width))
-        corner = jnp.floor(jax.random.uniform(position_key, (2,)) *
-                           jnp.stack([height - side, width - side])).astype(jnp.int32)
+        corner = jnp.floor(uniforms * jnp.stack([height - side, width - side])).astype(jnp.int32)
         window = ((rows >= corner[0]) & (rows < corner[0] + side) &
                   (cols >= corner[1]) & (cols < corner[1] + side))
-        signs = jax.random.choice(sign_key, jnp.array([-1.0, 1.0]), (1, 1, channels))
         delta = jnp.where(window, 2.0 * eps * signs, 0.0)
         x_new = clip_to_ball(x_best + delta, x, eps)
         new_margin = margin(logits_fn(x_new), y)
