@@ -40,6 +40,12 @@ MODEL_INFO_FILE = "model.json"
 CHECKSUMS_FILE = "checksums.json"
 VARIABLES_DIR = "variables"
 KEPT_TRAINING_CHECKPOINTS = 2  # the newest, and one to fall back to if it is damaged
+# The phases of `save_variables`, in order: each is announced to `save_phase_hook` once done.
+SAVE_PHASES = ("staging_ready", "arrays_written", "checksums_written", "complete",
+               "previous_set_aside", "in_place")
+# Test seam: a function called with each phase's name as a save passes it (tests cut a save
+# there by raising or exiting); None, the default, costs one comparison per phase.
+save_phase_hook: Optional[Callable[[str], None]] = None
 
 
 class DamagedCheckpoint(ValueError):
@@ -93,6 +99,11 @@ def _check_checksums(found: Dict[str, str], recorded: Dict[str, str], what: str)
             f"was saved ({len(differing)} of {len(recorded)} entries differ).")
 
 
+def _reached(phase: str) -> None:
+    if save_phase_hook is not None:
+        save_phase_hook(phase)
+
+
 def save_variables(directory: str, variables: Dict[str, Any], model_info: Dict[str, Any],
                    replace: bool = False) -> None:
     """Write variables and their model description to a new directory (or replace one).
@@ -111,18 +122,24 @@ def save_variables(directory: str, variables: Dict[str, Any], model_info: Dict[s
         if os.path.exists(old) and not os.path.exists(directory):
             os.replace(old, directory)  # a replacement was interrupted between its two renames
     parallel.barrier(f"save_variables:staging:{directory}")
+    _reached("staging_ready")
     checksums = {"arrays": array_checksums(variables), MODEL_INFO_FILE: json_checksum(model_info)}
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), dict(variables))
         checkpointer.wait_until_finished()
     parallel.barrier(f"save_variables:written:{directory}")
+    _reached("arrays_written")
     if main:
         write_json(os.path.join(staging, CHECKSUMS_FILE), checksums)
+        _reached("checksums_written")
         write_json(os.path.join(staging, MODEL_INFO_FILE), model_info)
+        _reached("complete")
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(directory):
             os.replace(directory, old)  # the previous checkpoint stays until the new one is in
+        _reached("previous_set_aside")
         os.replace(staging, directory)
+        _reached("in_place")
         shutil.rmtree(old, ignore_errors=True)
     parallel.barrier(f"save_variables:done:{directory}")
 

@@ -5,15 +5,18 @@ Every file of each kind of checkpoint (training, best, converted) gets 64 bytes 
 middle, or is cut to half its length. The load must then either stop with the one-line
 `DamagedCheckpoint` error naming the checkpoint, or (the damage fell on bytes never read, such
 as orbax's timestamps) give arrays bit-identical to those saved: never anything else.
+
+Saves are also cut at each of their phases, deterministically: a best model's through
+`checkpoint.save_phase_hook`, a training checkpoint's in a process that exits inside orbax's
+renames and pruning. Each cut is seen on disk, and the next load or resume gives exactly the
+last complete save.
 """
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -137,10 +140,16 @@ def test_arrays_swapped_under_their_checksums_are_caught(tiny_model, tmp_path):
         loading.load_model(first)
 
 
+STATE_TEMPLATES = {}  # config (JSON) -> a train state of it (creating one takes seconds)
+
+
 def make_state(config, model, value):
     """A train state of step `value` whose arrays are random numbers drawn from seed `value`."""
-    tx, _ = train_step.make_optimizer(config.train, 10)
-    state = train_step.create_state(model, tx, jax.random.key(0), 32)
+    described = config.to_json_best_effort(sort_keys=True)
+    if described not in STATE_TEMPLATES:
+        tx, _ = train_step.make_optimizer(config.train, 10)
+        STATE_TEMPLATES[described] = train_step.create_state(model, tx, jax.random.key(0), 32)
+    state = STATE_TEMPLATES[described]
     rng = np.random.default_rng(value)
     state = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(leaf.dtype), state)
     return state.replace(step=np.asarray(value, np.int32))
@@ -232,76 +241,143 @@ def test_eval_of_a_damaged_best_model_stops_or_falls_back_when_asked(tiny_model,
     assert report["checkpoint"] == str(workdir / "best_sum")
 
 
-SAVER = r"""
-import sys
-sys.path.insert(0, "tests")
-import numpy as np
-from conftest import tiny_config
-from fpcm_jax import checkpoint, experiment, parallel, run_dir
-from test_integrity import make_state
-parallel.setup()
-config = tiny_config()
-model, _ = experiment.build(config)
-run = run_dir.RunDirectory(sys.argv[1], experiment.describe(config))
-template = make_state(config, model, 0)
-state, best = run.checkpoints.restore_latest(template)
-start = int(state.step)
-print("resumed", start, flush=True)
-for value in range(start + 1, start + 10_000):
-    run.checkpoints.save(make_state(config, model, value), {"sum": float(value)})
-    variables = make_state(config, model, value)
-    run.save_best("best_sum", {"params": variables.params, "batch_stats": variables.batch_stats},
-                  {"step": value})
-    print("saved", value, flush=True)
-"""
+class Cut(Exception):
+    """A save cut short by the test's phase hook."""
 
 
-def test_killed_while_saving_the_next_run_resumes_from_an_intact_checkpoint(tiny_model,
-                                                                            tmp_path):
-    """SIGKILL at several moments after a save completed: on the 2-core development machine,
-    delays of 41, 60 and 77 ms left an orbax `N.orbax-checkpoint-tmp` behind, 130 ms a
-    `best_sum.partial` (the moments vary with the machine; the assertions hold at any). After
-    each kill, the next process resumes from the last completed save, intact, or from one
-    newer that completed too."""
-    config, model = tiny_model
-    workdir = str(tmp_path / "run")
-    script = tmp_path / "saver.py"
-    script.write_text(SAVER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-    last_saved = 0
-    for round_index, delay in enumerate([0.0, 0.041, 0.06, 0.077, 0.13]):
-        process = subprocess.Popen([sys.executable, str(script), workdir], cwd=REPO, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert process.stdout.readline().split() == ["resumed", str(last_saved)]
-            for _ in range(2 + round_index % 2):
-                words = process.stdout.readline().split()
-                assert words[0] == "saved", (words, process.stderr.read())
-                last_saved = int(words[1])
-            time.sleep(delay)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-        finally:
-            process.kill()
-        run = run_dir.RunDirectory(workdir, experiment.describe(config))
-        state, best = run.checkpoints.restore_latest(make_state(config, model, 0))
-        restored = int(state.step)
-        assert restored in (last_saved, last_saved + 1)
-        assert identical(state, make_state(config, model, restored))
-        assert best == {"sum": float(restored)}
-        _, variables, info, _ = loading.load_model(workdir)
-        assert info["step"] in (last_saved, last_saved + 1)
-        assert identical(variables["params"], make_state(config, model, info["step"]).params)
-        last_saved = restored
+def cut_at(phase):
+    def hook(reached):
+        if reached == phase:
+            raise Cut(phase)
+    return hook
 
 
-def test_a_best_model_swap_cut_between_its_renames_is_recovered(tiny_model, tmp_path):
+# What a best-model directory's parent holds after a save cut at each phase (apart from
+# checkpoints/ and run.json), and the files of the staging folder `best_sum.partial` then.
+LEFT_BY_A_CUT = {
+    "staging_ready": (["best_sum"], None),
+    "arrays_written": (["best_sum", "best_sum.partial"], ["variables"]),
+    "checksums_written": (["best_sum", "best_sum.partial"], ["checksums.json", "variables"]),
+    "complete": (["best_sum", "best_sum.partial"], ["checksums.json", "model.json", "variables"]),
+    "previous_set_aside": (["best_sum.old", "best_sum.partial"],
+                           ["checksums.json", "model.json", "variables"]),
+    "in_place": (["best_sum", "best_sum.old"], None),
+}
+
+
+@pytest.mark.parametrize("phase", checkpoint.SAVE_PHASES)
+def test_a_best_model_save_cut_at_each_phase_leaves_the_last_complete_one(phase, tiny_model,
+                                                                          tmp_path, monkeypatch):
+    """A save cut after each of its phases (as a kill would: nothing after it runs) leaves the
+    last complete model loadable, never the partial one; the next save completes and tidies up.
+    From `in_place` on the new model is the last complete one."""
     config, model = tiny_model
     run = run_dir.RunDirectory(str(tmp_path), experiment.describe(config))
-    first, second = random_variables(model, 0), random_variables(model, 1)
-    run.save_best("best_sum", first, {"step": 1})
-    os.replace(tmp_path / "best_sum", tmp_path / "best_sum.old")  # killed between the renames
-    assert identical(loading.load_model(str(tmp_path))[1], first)
-    run.save_best("best_sum", second, {"step": 2})
+    saved = [random_variables(model, seed) for seed in range(3)]
+    run.save_best("best_sum", saved[0], {"step": 1})
+    monkeypatch.setattr(checkpoint, "save_phase_hook", cut_at(phase))
+    with pytest.raises(Cut):
+        run.save_best("best_sum", saved[1], {"step": 2})
+    monkeypatch.setattr(checkpoint, "save_phase_hook", None)
+    names, staged = LEFT_BY_A_CUT[phase]
+    assert sorted(set(os.listdir(tmp_path)) - {"checkpoints", "run.json"}) == names
+    if staged is not None:
+        assert sorted(os.listdir(tmp_path / "best_sum.partial")) == staged
+    if staged is not None and "model.json" not in staged:
+        with pytest.raises(FileNotFoundError, match="No model checkpoint"):
+            loading.load_model(str(tmp_path / "best_sum.partial"))
+    last_complete = 2 if phase == "in_place" else 1
+    _, variables, info, _ = loading.load_model(str(tmp_path))
+    assert info["step"] == last_complete and identical(variables, saved[last_complete - 1])
+    run.save_best("best_sum", saved[2], {"step": 3})
     assert sorted(os.listdir(tmp_path)) == ["best_sum", "checkpoints", "run.json"]
-    assert identical(loading.load_model(str(tmp_path))[1], second)
+    _, variables, info, _ = loading.load_model(str(tmp_path))
+    assert info["step"] == 3 and identical(variables, saved[2])
+
+
+CUT_EXIT = 75  # the exit status of a saving process cut at its phase
+# A process that saves training checkpoint 3 and exits (os._exit: as `kill -9` would) at one
+# phase of that save. The phases are orbax's: `writing` before the first of the checkpoint's
+# items (state, best, checksums) is renamed into place inside its temporary folder,
+# `written` before the temporary folder is renamed to `3`, `in_place` before the oldest
+# checkpoint is pruned, `saved` after the save returned.
+CUTTER = r"""
+import os, sys
+from orbax.checkpoint._src.path import async_path, deleter
+from conftest import tiny_config
+from fpcm_jax import experiment, run_dir
+from test_integrity import CUT_EXIT, make_state
+
+workdir, phase = sys.argv[1], sys.argv[2]
+def cut(reached):
+    if reached == phase:
+        os._exit(CUT_EXIT)
+
+rename, delete_steps = async_path.rename, deleter.StandardCheckpointDeleter.delete_steps
+async def cut_rename(source, target, *args, **kwargs):
+    cut("written" if target.name == "3" else "writing")
+    return await rename(source, target, *args, **kwargs)
+def cut_delete_steps(self, steps):
+    cut("in_place")
+    return delete_steps(self, steps)
+async_path.rename, deleter.StandardCheckpointDeleter.delete_steps = cut_rename, cut_delete_steps
+config = tiny_config()
+model, _ = experiment.build(config)
+run = run_dir.RunDirectory(workdir, experiment.describe(config))
+run.checkpoints.save(make_state(config, model, 3), {"sum": 3.0})
+cut("saved")
+"""
+TRAINING_PHASES = ("writing", "written", "in_place", "saved")
+
+
+def checkpoint_steps(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_a_training_save_cut_at_each_phase_resumes_from_the_last_complete_one(tiny_model,
+                                                                              tmp_path):
+    """Checkpoints 1 and 2 saved; a process saving 3 is cut at each phase (one process per
+    phase, all at once). Each cut is seen on disk; resuming gives exactly the last complete
+    checkpoint (2 before the rename into place, 3 after), a temporary folder is never used,
+    and the next save completes, leaving the newest two."""
+    config, model = tiny_model
+    description = experiment.describe(config)
+    base = str(tmp_path / "base")
+    run = run_dir.RunDirectory(base, description)
+    for value in (1, 2):
+        run.checkpoints.save(make_state(config, model, value), {"sum": float(value)})
+    script = tmp_path / "cutter.py"
+    script.write_text(CUTTER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    processes = {}
+    for phase in TRAINING_PHASES:
+        shutil.copytree(base, tmp_path / phase)
+        processes[phase] = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / phase), phase], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for process in processes.values():
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == CUT_EXIT, stderr[-3000:]
+    temporary = "3.orbax-checkpoint-tmp"
+    assert checkpoint_steps(tmp_path / "writing") == ["1", "2", temporary]
+    assert not {"best", "checksums", "state"} & set(
+        os.listdir(tmp_path / "writing" / "checkpoints" / temporary))  # none renamed yet
+    assert checkpoint_steps(tmp_path / "written") == ["1", "2", temporary]
+    assert {"best", "checksums", "state"} <= set(
+        os.listdir(tmp_path / "written" / "checkpoints" / temporary))
+    assert checkpoint_steps(tmp_path / "in_place") == ["1", "2", "3"]
+    assert checkpoint_steps(tmp_path / "saved") == ["2", "3"]
+    template = make_state(config, model, 0)
+    for phase in TRAINING_PHASES:
+        run = run_dir.RunDirectory(str(tmp_path / phase), description)
+        state, best = run.checkpoints.restore_latest(template)
+        last_complete = 2 if phase in ("writing", "written") else 3
+        assert int(state.step) == last_complete, phase
+        assert identical(state, make_state(config, model, last_complete))
+        assert best == {"sum": float(last_complete)}
+        run.checkpoints.save(make_state(config, model, last_complete + 1), {"sum": 9.0})
+        run = run_dir.RunDirectory(str(tmp_path / phase), description)
+        assert checkpoint_steps(tmp_path / phase) == [str(last_complete),
+                                                      str(last_complete + 1)], phase
+        state, best = run.checkpoints.restore_latest(template)
+        assert identical(state, make_state(config, model, last_complete + 1))

@@ -1,0 +1,60 @@
+"""Best-model selection: best_sum/ and best_robust/ hold the model of the epoch whose recorded
+validation figures are the best, not the last epoch's nor the worst's.
+
+The validation figures are scripted (the evaluation is replaced by one that returns them and
+keeps the variables it was given), so the best epochs are known, differ between the two
+criteria and are not the last: a run that kept the last epoch, or the worst, fails.
+"""
+
+import json
+
+import jax
+
+from conftest import tiny_config
+from fpcm_jax import accuracy, loading, train
+from test_integrity import identical
+
+# (clean, robust) validation accuracy of epochs 1-3. Best robust: epoch 1, best clean + robust:
+# epoch 2; the worst are epochs 2 and 1, the last is 3.
+SCRIPTED = [(0.05, 0.45), (0.8, 0.1), (0.3, 0.3)]
+VALIDATION_SIZE = 1436  # leaves 64 training images: 2 steps of 32 an epoch
+CRITERIA = {"best_sum": lambda record: record["val_clean_acc"] + record["val_robust_acc"],
+            "best_robust": lambda record: record["val_robust_acc"]}
+
+
+def scripted_run(workdir, monkeypatch):
+    """(validation records, the variables validated at each epoch) of a 3-epoch run (standard
+    training, 2 steps an epoch) validated with the scripted figures."""
+    validated = []
+
+    def scripted_evaluation(eval_step, variables, split, batch_size, key, mesh):
+        if len(split) != VALIDATION_SIZE:  # the final test
+            return {"clean_acc": 0.0, "robust_acc": 0.0, "examples": len(split)}
+        clean, robust = SCRIPTED[len(validated)]
+        validated.append(jax.device_get(variables))
+        return {"clean_acc": clean, "robust_acc": robust, "examples": len(split)}
+
+    monkeypatch.setattr(accuracy, "evaluate_split", scripted_evaluation)
+    config = tiny_config(train__epochs=3, train__batch_size=32, attack__steps=0,
+                         data__validation_size=VALIDATION_SIZE, train__warmup_epochs=0,
+                         train__final_test_attack_steps=0, logging__tensorboard=False,
+                         logging__curves=False)
+    train.train_and_evaluate(config, str(workdir))
+    with open(workdir / "metrics.jsonl") as handle:
+        records = [line for line in map(json.loads, handle) if "val_clean_acc" in line]
+    return records, validated
+
+
+def test_best_models_are_the_states_of_the_best_recorded_epochs(tmp_path, monkeypatch):
+    records, validated = scripted_run(tmp_path, monkeypatch)
+    assert [record["epoch"] for record in records] == [1, 2, 3] and len(validated) == 3
+    for name, criterion in CRITERIA.items():
+        figures = [criterion(record) for record in records]
+        best = figures.index(max(figures))
+        assert best != len(records) - 1, "the scripted figures must not make the last epoch best"
+        _, variables, info, _ = loading.load_model(str(tmp_path / name))
+        assert (info["epoch"], info["step"]) == (records[best]["epoch"], records[best]["step"])
+        assert info["selected_by"] == name
+        assert identical(variables, validated[best]), name
+        others = [index for index in range(len(validated)) if index != best]
+        assert not any(identical(variables, validated[index]) for index in others), name
