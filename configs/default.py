@@ -57,7 +57,7 @@ def get_config():
     config.train.schedule_per = "epoch"     # epoch (official) | step: LR and cutoff granularity
     config.train.loss = "ce"                # ce (PGD-AT) | trades | mart
     config.train.beta = 6.0                 # TRADES / MART weight
-    config.train.trades_attack = "ce"       # ce (official) | kl (TRADES paper)
+    config.train.trades_attack = "ce"       # ce (official) | kl (TRADES paper); TRADES only
     config.train.eval_every_epochs = 1      # validation clean + PGD accuracy
     config.train.checkpoint_every_steps = 500  # and at every epoch end; 0: epoch ends only
     config.train.final_test_attack_steps = 20  # test-split PGD-N at the end (0: clean only)
