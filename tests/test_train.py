@@ -53,15 +53,39 @@ def run_steps(config, mesh, num_steps, steps_per_epoch=2, trace_limit=None):
 @needs_four_devices
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 def test_four_device_step_matches_one_device(bn_mode):
+    """Two PGD-AT steps on 4 devices equal them on 1 device.
+
+    With BN mode "eval" the attack sees fixed statistics and the runs agree to rounding (largest
+    relative leaf difference 1.3e-6 to 1.8e-6 over init keys 0-3). In mode "train" every attack
+    step takes batch statistics, reduced in another order on 4 devices, and PGD's sign() turns
+    some 1e-7 differences into flipped pixels: over init keys 0-7 the largest relative leaf
+    difference (max|a-b| / max|b|) was 1.5e-6 to 0.19, the median over leaves up to 1.2e-4,
+    running statistics up to 1.1e-3, the loss up to 1.3e-4 relative. Another attack key (what
+    a wrong split of keys or batches across devices resembles) gives at least 1.39, 1.7e-3,
+    6.6e-2 and 9.9e-4: the bounds below lie between the two.
+    """
     # The FFT filter rounds the same whatever the per-device batch; the circulant matmul's
-    # blocking does not, and PGD's sign() turns such 1e-7 differences into flipped pixels.
+    # blocking does not.
     config = tiny_config(attack__bn_mode=bn_mode, model__fpcm_lowpass="fft")
     one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     state_4, metrics_4 = run_steps(config, parallel.make_mesh(), 2)
     state_1, metrics_1 = run_steps(config, one, 2)
-    chex.assert_trees_all_close(state_4.params, state_1.params, rtol=2e-4, atol=2e-5)
-    chex.assert_trees_all_close(state_4.batch_stats, state_1.batch_stats, rtol=2e-4, atol=2e-5)
-    np.testing.assert_allclose(metrics_4[-1]["loss"], metrics_1[-1]["loss"], rtol=1e-4)
+    if bn_mode == "eval":
+        chex.assert_trees_all_close(state_4.params, state_1.params, rtol=2e-4, atol=2e-5)
+        chex.assert_trees_all_close(state_4.batch_stats, state_1.batch_stats, rtol=2e-4,
+                                    atol=2e-5)
+        np.testing.assert_allclose(metrics_4[-1]["loss"], metrics_1[-1]["loss"], rtol=1e-4)
+        return
+    params = relative_leaf_differences(state_4.params, state_1.params)
+    assert params.max() < 0.6 and np.median(params) < 5e-4
+    assert relative_leaf_differences(state_4.batch_stats, state_1.batch_stats).max() < 1e-2
+    np.testing.assert_allclose(metrics_4[-1]["loss"], metrics_1[-1]["loss"], rtol=4e-4)
+
+
+def relative_leaf_differences(tree, reference):
+    """max|a - b| / max|b| for each leaf."""
+    return np.array([np.abs(a - b).max() / np.abs(b).max()
+                     for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(reference))])
 
 
 def test_no_retrace_across_steps_epochs_and_cutoffs():
