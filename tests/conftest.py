@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from fpcm_jax.checkpoint import path_name  # noqa: E402
 from official_weights import synthetic_state_dict  # noqa: E402
 
 
@@ -99,3 +100,24 @@ def read_train_state(workdir, config):
     run = run_dir.RunDirectory(workdir, experiment.describe(config))
     state, _ = run.checkpoints.restore_latest(template)
     return jax.device_get(state)
+
+
+def leaf_differences(found, expected):
+    """{leaf name: max |found - expected| / max |expected|} over two trees of arrays."""
+    found = {path_name(path): np.asarray(leaf)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(found)}
+    expected = {path_name(path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+    assert sorted(found) == sorted(expected)
+    return {name: float(np.max(np.abs(found[name] - expected[name])) /
+                        max(float(np.max(np.abs(expected[name]))), 1e-30)) for name in expected}
+
+
+def assert_leaves_close(found, expected, largest, median=1.0):
+    """Every leaf's `leaf_differences` at most `largest`, their median at most `median`."""
+    differences = leaf_differences(found, expected)
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= largest, (f"{worst} differs by {differences[worst]:.3g} of its "
+                                           f"largest value (bound {largest})")
+    middle = float(np.median(list(differences.values())))
+    assert middle <= median, f"the leaves differ by {middle:.3g} (median; bound {median})"

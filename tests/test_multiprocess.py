@@ -15,11 +15,10 @@ import sys
 import time
 
 import chex
-import jax
 import numpy as np
 import pytest
 
-from conftest import needs_four_devices, read_train_state, tiny_config
+from conftest import assert_leaves_close, needs_four_devices, read_train_state, tiny_config
 from fpcm_jax import checkpoint, data, loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,27 +93,6 @@ def run(args, processes=1, devices=4):
 def metric_lines(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as handle:
         return [json.loads(line) for line in handle]
-
-
-def leaf_differences(found, expected):
-    """{leaf name: max |found - expected| / max |expected|} over two trees of arrays."""
-    found = {checkpoint.path_name(path): np.asarray(leaf)
-             for path, leaf in jax.tree_util.tree_leaves_with_path(found)}
-    expected = {checkpoint.path_name(path): np.asarray(leaf)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
-    assert sorted(found) == sorted(expected)
-    return {name: float(np.max(np.abs(found[name] - expected[name])) /
-                        max(float(np.max(np.abs(expected[name]))), 1e-30)) for name in expected}
-
-
-def assert_leaves_close(found, expected, largest, median=1.0):
-    """Every leaf's `leaf_differences` at most `largest`, their median at most `median`."""
-    differences = leaf_differences(found, expected)
-    worst = max(differences, key=differences.get)
-    assert differences[worst] <= largest, (f"{worst} differs by {differences[worst]:.3g} of its "
-                                           f"largest value (bound {largest})")
-    middle = float(np.median(list(differences.values())))
-    assert middle <= median, f"the leaves differ by {middle:.3g} (median; bound {median})"
 
 
 @pytest.fixture(scope="module")
