@@ -1,10 +1,13 @@
-"""fpcm-jax command line: train, evaluate, analyse, or describe the model a config builds.
+"""fpcm-jax command line: train, evaluate, analyse, compare runs, or describe a config's model.
 
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18          # train
     python main.py --config configs/cifar10_resnet18.py --workdir runs/r18 --mode eval --attack pgd50
+    python main.py --config configs/cifar10_resnet18_l2.py --workdir runs/r18_l2    # L2 PGD-AT
+    python main.py --config configs/cifar10_resnet18.py --workdir runs/r18 --mode eval --norm l2
     python main.py --config configs/cifar10_resnet18.py --mode eval --attack autoattack
         --checkpoint runs/official_r18 --workdir runs/official_r18    # (one command)
     python main.py --config configs/tiny.py --mode analyze --checkpoints runs/a,runs/b --workdir runs/an
+    python main.py --config configs/tiny.py --mode report --checkpoints runs/a,runs/b --workdir runs/table
     python main.py --config configs/cifar10_resnet18.py --mode export --checkpoint runs/r18 --out r18.pt
     python main.py --config configs/cifar10_resnet18.py --mode info                 # model only
 
@@ -23,26 +26,33 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "export", "info"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "report", "export", "info"],
                   "train (or resume) in --workdir; eval: attack a trained model; analyze: "
-                  "frequency analyses of --checkpoints; export: --checkpoint as the official "
-                  "PyTorch state_dict in --out; info: describe the model only.")
-flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, pgdN, cwN, "
-                    "apgd-ce, apgd-t, fab-t, square, autoattack).")
+                  "frequency analyses of --checkpoints; report: the comparison table of the "
+                  "run directories --checkpoints (seeds as mean ± std) in --workdir; export: "
+                  "--checkpoint as the official PyTorch state_dict in --out; info: describe "
+                  "the model only.")
+flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, fgm, pgdN, "
+                    "cwN, apgd-ce, apgd-t, fab-t, square, autoattack).")
 flags.DEFINE_string("checkpoint", None, "eval, export: a model checkpoint or a run directory "
                     "(default: the workdir's best_robust/, else best_sum/); eval also takes an "
                     "official PyTorch file (.pt, .pth, .npz) of --config.model.name.")
 flags.DEFINE_string("out", None, "export: the file to write, model.pt (PyTorch zip format, written without torch) or model.npz.")
-flags.DEFINE_float("eps", None, "eval: L-inf radius (default: config.attack.eps = 8/255).")
+flags.DEFINE_string("norm", None, "eval: threat model, linf or l2 (default: "
+                    "config.attack.norm, linf).")
+flags.DEFINE_float("eps", None, "eval: radius in --norm (default: config.attack.eps when --norm "
+                   "is the config's, else the norm's usual one: linf 8/255, l2 0.5).")
 flags.DEFINE_float("step_size", None, "eval: step of pgdN and cwN (default: "
-                   "config.attack.step_size = 2/255).")
+                   "config.attack.step_size when --norm is the config's; else linf 2/255, "
+                   "l2 0.1).")
 flags.DEFINE_integer("num_examples", None, "eval: the first N examples (default: all).")
 flags.DEFINE_integer("batch_size", None, "eval: batch size (default: config.eval.batch_size).")
 flags.DEFINE_integer("seed", 0, "eval: random seed of the attacks.")
 flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "eval: which split.")
 flags.DEFINE_bool("allow_fallback", False, "eval/analyze: when a run directory's best_robust/ "
                   "is damaged, load its best_sum/ (with a warning) instead of stopping.")
-flags.DEFINE_list("checkpoints", None, "analyze: run directories or checkpoints, comma list.")
+flags.DEFINE_list("checkpoints", None, "analyze: run directories or checkpoints; report: run "
+                  "directories; comma list.")
 flags.DEFINE_list("labels", None, "analyze: a label per checkpoint (default: the run names).")
 flags.DEFINE_string("coordinator_address", None, "several processes: HOST:PORT of process 0's "
                     "coordinator (default: $JAX_COORDINATOR_ADDRESS).")
@@ -90,11 +100,13 @@ def run_mode(mode: str, config, overrides) -> int:
                   f"{FLAGS.out}.json (its model).")
     elif mode == "eval":
         names = config_checks.check_evaluation(config, FLAGS.attack, FLAGS.num_examples,
-                                               FLAGS.batch_size, FLAGS.eps, FLAGS.step_size)
+                                               FLAGS.batch_size, FLAGS.eps, FLAGS.step_size,
+                                               FLAGS.norm)
         evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
                                 FLAGS.num_examples, FLAGS.batch_size, FLAGS.eps, FLAGS.seed,
                                 FLAGS.split, step_size=FLAGS.step_size,
-                                model_overrides=overrides, allow_fallback=FLAGS.allow_fallback)
+                                model_overrides=overrides, allow_fallback=FLAGS.allow_fallback,
+                                norm=FLAGS.norm)
     else:
         config_checks.check_training(config)
         result = train.train_and_evaluate(config, FLAGS.workdir)
@@ -112,6 +124,8 @@ def main(argv, overrides):
     if FLAGS.mode == "export" and not (FLAGS.out and (FLAGS.checkpoint or FLAGS.workdir)):
         raise app.UsageError("--mode export needs --out model.pt|model.npz and --checkpoint "
                              "(a checkpoint or run directory).")
+    if FLAGS.mode == "report":
+        return run_report()
     from fpcm_jax import data, parallel, quiet_reads, train  # none of them starts a backend
     quiet_reads.drop_late_read_reports()  # a damaged checkpoint is reported once, as one line
     try:
@@ -122,6 +136,18 @@ def main(argv, overrides):
             train.TrainingError, parallel.SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+def run_report() -> int:
+    """--mode report: it only reads files, so no JAX (nor its start-up) is needed."""
+    from fpcm_jax import report
+    try:
+        result = report.write_report(FLAGS.checkpoints or [], FLAGS.workdir)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {', '.join(result['files'])}")
+    return 0
 
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")

@@ -76,8 +76,12 @@ def get_config():
                                             # code) | average: EMA them too
 
     config.attack = ml_collections.ConfigDict()  # the training attack
-    config.attack.eps = 8 / 255
-    config.attack.step_size = 2 / 255       # also the default step of --mode eval's pgdN, cwN
+    config.attack.norm = "linf"             # linf | l2: the threat model of training, validation
+                                            # and --mode eval (configs/cifar10_resnet18_l2.py)
+    config.attack.eps = 8 / 255             # L2: 0.5 (RobustBench's and AutoAttack's L2 radius)
+    config.attack.step_size = 2 / 255       # also the default step of --mode eval's pgdN, cwN.
+                                            # L2: 0.1 = 2 eps / 10 steps, the TRADES code's L2
+                                            # step rule (normalised-gradient steps)
     config.attack.steps = 10                # 0: standard (non-adversarial) training
     config.attack.bn_mode = "train"         # train (official) | batch_stats_frozen | eval
     config.attack.loop = "auto"             # unrolled | fori (lax.fori_loop) | auto: unrolled

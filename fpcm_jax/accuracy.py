@@ -20,8 +20,10 @@ from flax import linen as nn
 from fpcm_jax import attacks, data, parallel
 
 
-def make_eval_step(model: nn.Module, attack: Callable, mesh) -> Callable:
-    """jitted (variables, images uint8, labels, mask, key) -> (clean correct, robust correct)."""
+def make_eval_step(model: nn.Module, attack: Callable, mesh, norm: str = "linf") -> Callable:
+    """jitted (variables, images uint8, labels, mask, key) -> (clean correct, robust correct,
+    the largest perturbation in `norm`, the farthest any adversarial pixel lies outside
+    [0, 1]) over the batch's real examples."""
 
     def eval_step(variables, images, labels, mask, key):
         x = data.to_float(images)
@@ -29,11 +31,14 @@ def make_eval_step(model: nn.Module, attack: Callable, mesh) -> Callable:
         clean_correct = (jnp.argmax(logits_fn(x), -1) == labels) & mask
         x_adv = attack(logits_fn, x, labels, key)
         robust_correct = (jnp.argmax(logits_fn(x_adv), -1) == labels) & clean_correct
-        return clean_correct.sum(), robust_correct.sum()
+        largest = jnp.max(jnp.where(mask, attacks.norms(x_adv - x, norm), 0.0))
+        outside = jnp.maximum(-x_adv, x_adv - 1.0).reshape(x.shape[0], -1).max(axis=1)
+        return (clean_correct.sum(), robust_correct.sum(), largest,
+                jnp.max(jnp.where(mask, outside, 0.0)))
 
     repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(eval_step, in_shardings=(repl, sharded, sharded, sharded, repl),
-                   out_shardings=(repl, repl))
+                   out_shardings=(repl, repl, repl, repl))
 
 
 MAX_BATCHES_IN_FLIGHT = 8  # dispatched ahead of the results shown; bounds device memory
@@ -50,15 +55,17 @@ def evaluate_split(eval_step: Callable, variables: Any, split: data.Split, batch
     parallel.check_batch_size(batch_size, "eval.batch_size")
     count = len(split) if limit is None else min(limit, len(split))
     sharded = parallel.batch_sharded(mesh)
-    pending = collections.deque()  # (examples done, clean count, robust count) on device
-    totals = {"clean": 0, "robust": 0}
+    pending = collections.deque()  # (examples done, the eval step's outputs) on device
+    totals = {"clean": 0, "robust": 0, "perturbation": 0.0, "outside": 0.0}
 
     def collect(keep: int) -> None:
         """Add finished batches in order; wait only while more than `keep` are pending."""
         while pending and (len(pending) > keep or pending[0][1].is_ready()):
-            stop, clean, robust = pending.popleft()
+            stop, clean, robust, perturbation, outside = pending.popleft()
             totals["clean"] += int(clean)
             totals["robust"] += int(robust)
+            totals["perturbation"] = max(totals["perturbation"], float(perturbation))
+            totals["outside"] = max(totals["outside"], float(outside))
             if progress is not None:
                 progress(stop, totals["clean"], totals["robust"])
 
@@ -75,12 +82,14 @@ def evaluate_split(eval_step: Callable, variables: Any, split: data.Split, batch
     collect(0)
     seconds = time.time() - start_time
     return {"examples": count, "clean_acc": totals["clean"] / max(count, 1),
-            "robust_acc": totals["robust"] / max(count, 1), "seconds": seconds}
+            "robust_acc": totals["robust"] / max(count, 1), "seconds": seconds,
+            "max_perturbation": totals["perturbation"], "max_outside_box": totals["outside"]}
 
 
 def pgd_eval_step(model: nn.Module, mesh, steps: int, eps: float = 8 / 255,
-                  step_size: float = 2 / 255) -> Callable:
-    """The eval step for clean accuracy plus PGD-`steps` (clean only when steps == 0)."""
-    attack = attacks.get(f"pgd{steps}" if steps else "none",
-                         **({"eps": eps, "step_size": step_size} if steps else {}))
-    return make_eval_step(model, attack, mesh)
+                  step_size: float = 2 / 255, norm: str = "linf") -> Callable:
+    """The eval step for clean accuracy plus PGD-`steps` in `norm` (clean only when
+    steps == 0)."""
+    name = f"pgd{steps}" if steps else "none"
+    attack = attacks.get(name, **attacks.options_for(name, eps, step_size, norm))
+    return make_eval_step(model, attack, mesh, norm)

@@ -38,6 +38,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
                ("train.schedule_per", config.train.schedule_per, ("epoch", "step")),
                ("train.trades_attack", config.train.trades_attack, ("ce", "kl")),
                ("attack.bn_mode", config.attack.bn_mode, train_step.BN_MODES),
+               ("attack.norm", config.attack.norm, attacks.NORMS),
                ("train.ema_batch_stats", config.train.ema_batch_stats, ("copy", "average")),
                ("attack.loop", config.attack.loop, tuple(train_step.ATTACK_LOOPS)),
                ("model.dtype", config.model.dtype, tuple(models.DTYPES)),
@@ -66,11 +67,8 @@ def _check_counts(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
-    for name, value in [("attack.eps", config.attack.eps),
-                        ("attack.step_size", config.attack.step_size)]:
-        if not 0 <= value <= 1:
-            raise ValueError(f"--config.{name}={value!r} must lie in [0, 1] (images are in "
-                             f"[0, 1]; 8/255 is written 0.03137).")
+    check_threat_model(config.attack.norm, config.attack.eps, config.attack.step_size,
+                       config.data.name, CONFIG_FLAGS)
     if not config.train.lr > 0:
         raise ValueError(f"--config.train.lr={config.train.lr!r} must be positive.")
     for name, value, low, high in [("train.momentum", config.train.momentum, 0, 1),
@@ -100,12 +98,47 @@ def _check_extra_data(data_cfg: ml_collections.ConfigDict, batch_size: int) -> N
                          f"fraction that gives between 1 and {batch_size - 1}.")
 
 
-def attack_names(text: str) -> List[str]:
-    """'pgd20,autoattack' -> ['pgd20', 'autoattack']; an unknown name is a clear error."""
+def largest_distance(norm: str, dataset: str) -> float:
+    """The largest distance two images of the dataset can have in `norm` (L-inf 1; L2
+    sqrt(H W C)): a radius beyond it means nothing."""
+    if norm == "linf":
+        return 1.0
+    size = data.get_spec(dataset).image_size
+    return math.sqrt(size * size * 3)
+
+
+EVAL_FLAGS = ("--norm", "--eps", "--step_size")
+CONFIG_FLAGS = ("--config.attack.norm", "--config.attack.eps", "--config.attack.step_size")
+
+
+def check_threat_model(norm: str, eps: Optional[float], step_size: Optional[float],
+                       dataset: str, flags=EVAL_FLAGS) -> None:
+    """norm one of attacks.NORMS, 0 < eps <= the largest distance of two images in that norm,
+    0 <= step_size <= that distance (None: not given); `flags` name the three in errors."""
+    if norm not in attacks.NORMS:
+        raise ValueError(f"{flags[0]}={norm!r} is not a threat model; use one of "
+                         f"{', '.join(attacks.NORMS)}.")
+    bound = largest_distance(norm, dataset)
+    usual = "8/255 is 0.03137" if norm == "linf" else "0.5 is usual"
+    for flag, value, interval in ((flags[1], eps, f"(0, {bound:.5g}]"),
+                                  (flags[2], step_size, f"[0, {bound:.5g}]")):
+        if value is None:
+            continue
+        low_ok = value > 0 if flag == flags[1] else value >= 0
+        if not (low_ok and value <= bound and np.isfinite(value)):
+            raise ValueError(f"{flag}={value} must lie in {interval} for the {norm} norm on "
+                             f"{dataset} (the largest {norm} distance of two images is "
+                             f"{bound:.5g}; {usual}).")
+
+
+def attack_names(text: str, norm: str = "linf") -> List[str]:
+    """'pgd20,autoattack' -> ['pgd20', 'autoattack']; an unknown name, or one not defined in
+    the threat model `norm`, is a clear error."""
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     for name in names:
         if name != "autoattack":
             attacks.get(name)  # raises ValueError listing the valid names
+            attacks.check_supports(name, norm)
     if not names:
         raise ValueError(f"--attack is empty; valid: {', '.join(attacks.ATTACK_NAMES)}.")
     return names
@@ -113,17 +146,16 @@ def attack_names(text: str) -> List[str]:
 
 def check_evaluation(config: ml_collections.ConfigDict, attack: str,
                      num_examples: Optional[int] = None, batch_size: Optional[int] = None,
-                     eps: Optional[float] = None, step_size: Optional[float] = None) -> List[str]:
+                     eps: Optional[float] = None, step_size: Optional[float] = None,
+                     norm: Optional[str] = None) -> List[str]:
     """The options of --mode eval; returns the attack names."""
-    names = attack_names(attack)
+    norm = config.attack.norm if norm is None else norm
+    check_threat_model(norm, eps, step_size, config.data.name)
+    names = attack_names(attack, norm)
     for name, value in (("--num_examples", num_examples), ("--batch_size", batch_size)):
         if value is not None and value <= 0:
             raise ValueError(f"{name}={value} must be positive (leave it out for "
                              f"{'all examples' if name == '--num_examples' else 'the default'}).")
-    for name, value in (("--eps", eps), ("--step_size", step_size)):
-        if value is not None and not (0 <= value <= 1 and np.isfinite(value)):
-            raise ValueError(f"{name}={value} must lie in [0, 1] (images are in [0, 1]; "
-                             f"8/255 is 0.03137).")
     parallel.check_batch_size(batch_size or config.eval.batch_size, "--batch_size")
     return names
 

@@ -2,9 +2,12 @@
 
 The model comes from its checkpoint (`loading.load_model`), the accuracy over the split from
 `fpcm_jax.accuracy` (or AutoAttack's own per-point bookkeeping). Each report is named by its
-settings, `eval_<split>_<attacks>_eps<eps>[_step<step>]_n<count>[_seed<seed>].json`, written
-whole, appended to the workdir's `evaluations.jsonl`, and while attacks run, what is finished
-is in `<report>.partial.json`.
+settings, `eval_<split>_<attacks>_<norm>-eps<eps>[_step<step>]_n<count>[_seed<seed>].json`,
+written whole, appended to the workdir's `evaluations.jsonl`, and while attacks run, what is
+finished is in `<report>.partial.json`. Each attack's entry holds the largest perturbation (in
+the threat model's norm) that it produced; an adversarial example outside the eps-ball or
+[0, 1] stops the evaluation with an error (`PerturbationError`), as no figure from it could be
+trusted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import jax
+import numpy as np
 
 from fpcm_jax import accuracy, attacks, data, experiment, loading, parallel, progress
 from fpcm_jax.files import append_json_line, write_json
@@ -21,6 +25,8 @@ from fpcm_jax.files import append_json_line, write_json
 AUTOATTACK_NAMES = ("autoattack",) + attacks.STANDARD  # run with AutoAttack's bookkeeping
 
 
+class PerturbationError(ValueError):
+    """An attack produced an adversarial example outside its threat model's ball or [0, 1]."""
 
 
 def run_evaluation(config, workdir: str, attack_names: List[str],
@@ -30,19 +36,19 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
                    autoattack_options: Optional[Dict[str, int]] = None,
                    step_size: Optional[float] = None,
                    model_overrides: Optional[Dict[str, Any]] = None,
-                   allow_fallback: bool = False) -> Dict[str, Any]:
+                   allow_fallback: bool = False, norm: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report.
 
     The options are those `config_checks.check_evaluation` accepts. The model comes from the
     checkpoint (`loading.load_model`: its model.json), the data from config.data;
     `model_overrides` are model fields given on the command line, which must agree with the
-    checkpoint; `allow_fallback` evaluates best_sum/ when best_robust/ is damaged. eps and
-    step_size default to config.attack's. autoattack_options (n_iter, n_queries,
-    n_target_classes) depart from the published parameters: for quick checks only; the report
+    checkpoint; `allow_fallback` evaluates best_sum/ when best_robust/ is damaged. norm
+    defaults to config.attack.norm; eps and step_size to config.attack's in that norm, else to
+    the norm's usual ones (`attacks.DEFAULT_EPS`, `attacks.DEFAULT_STEP_SIZE`).
+    autoattack_options (n_iter, n_queries, n_target_classes) depart from the published parameters: for quick checks only; the report
     records them.
     """
-    settings = {"eps": config.attack.eps if eps is None else eps,
-                "step_size": config.attack.step_size if step_size is None else step_size,
+    settings = {**threat_model(config, norm, eps, step_size),
                 "batch_size": batch_size or config.eval.batch_size,
                 "autoattack": dict(autoattack_options or {})}
     mesh = parallel.make_mesh()
@@ -51,7 +57,8 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
     subset = _subset(config, split, num_examples)
     report = {"model": {**experiment.complete(info), "dtype": config.model.dtype},
               "checkpoint": path, "checkpoint_info": info, "dataset": config.data.name,
-              "split": split, "examples": len(subset), "eps": settings["eps"], "seed": seed,
+              "split": split, "examples": len(subset), "norm": settings["norm"],
+              "eps": settings["eps"], "seed": seed,
               "batch_size": settings["batch_size"], "devices": jax.device_count(),
               "processes": jax.process_count(), "attacks": {}, "warnings": []}
     report_path = os.path.join(workdir, report_name(report, attack_names,
@@ -75,6 +82,19 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         _print_table(report)
         report["report_path"] = _write_report(report_path, report)
     return report
+
+
+def threat_model(config, norm: Optional[str], eps: Optional[float],
+                 step_size: Optional[float]) -> Dict[str, Any]:
+    """{norm, eps, step_size} of an evaluation: the given ones, else config.attack's when the
+    norm is the config's, else the norm's usual radius and step."""
+    norm = config.attack.norm if norm is None else norm
+    same = norm == config.attack.norm
+    if eps is None:
+        eps = config.attack.eps if same else attacks.DEFAULT_EPS[norm]
+    if step_size is None:
+        step_size = config.attack.step_size if same else attacks.DEFAULT_STEP_SIZE[norm]
+    return {"norm": norm, "eps": eps, "step_size": step_size}
 
 
 def _load_for_dataset(config, path: str, mesh, model_overrides, allow_fallback: bool):
@@ -104,8 +124,8 @@ def _subset(config, split: str, num_examples: Optional[int]) -> data.Split:
 def _run_attack(name: str, model, variables, subset: data.Split, key, settings, mesh
                 ) -> Dict[str, Any]:
     """One attack of `attacks.get` over the subset, with a progress bar."""
-    options = attacks.options_for(name, settings["eps"], settings["step_size"])
-    step = accuracy.make_eval_step(model, attacks.get(name, **options), mesh)
+    options = attacks.options_for(name, settings["eps"], settings["step_size"], settings["norm"])
+    step = accuracy.make_eval_step(model, attacks.get(name, **options), mesh, settings["norm"])
     bar = progress.bar(len(subset), name, enabled=parallel.is_main_process())
 
     def show(done, clean, robust):
@@ -115,8 +135,31 @@ def _run_attack(name: str, model, variables, subset: data.Split, key, settings, 
     result = accuracy.evaluate_split(step, variables, subset, settings["batch_size"], key, mesh,
                                      progress=show)
     bar.close()
+    check_perturbation(name, settings, result["max_perturbation"], result["max_outside_box"])
     return {"clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"],
+            "max_perturbation": result["max_perturbation"],
             "parameters": {**options, "random_start": attacks.takes_step_size(name)}}
+
+
+# Rounding slack of float32 images: x + delta - x differs from delta by up to ~1e-7 per pixel,
+# and a projected L2 perturbation's norm from eps by a few ulps.
+PERTURBATION_TOLERANCE = (1e-5, 1e-6)  # relative to eps, absolute
+
+
+def check_perturbation(name: str, settings: Dict[str, Any], largest: float,
+                       outside_box: float) -> None:
+    """A PerturbationError if an attack's examples left the eps-ball or [0, 1]."""
+    relative, absolute = PERTURBATION_TOLERANCE
+    eps, norm = settings["eps"], settings["norm"]
+    if largest > eps * (1 + relative) + absolute:
+        raise PerturbationError(
+            f"{name} produced an adversarial example outside the {norm} ball (norm {largest:.6g} "
+            f"> eps {eps:.6g}): its robust accuracy would be wrong; this is a bug in the attack, "
+            f"no report was written.")
+    if outside_box > 0:
+        raise PerturbationError(
+            f"{name} produced an adversarial example outside [0, 1] (by {outside_box:.3g}): "
+            f"this is a bug in the attack, no report was written.")
 
 
 def _run_autoattack(name: str, model, variables, subset: data.Split, key, settings, mesh,
@@ -127,7 +170,7 @@ def _run_autoattack(name: str, model, variables, subset: data.Split, key, settin
     main, start = parallel.is_main_process(), time.time()
     bars = _StageBars(name, len(subset), main)
     sharded = parallel.batch_sharded(mesh)
-    eps, changed = settings["eps"], settings["autoattack"]
+    eps, norm, changed = settings["eps"], settings["norm"], settings["autoattack"]
 
     def component_done(part, robust_accuracy):
         bars.close()
@@ -144,12 +187,16 @@ def _run_autoattack(name: str, model, variables, subset: data.Split, key, settin
                                 batch_size=settings["batch_size"],
                                 put=lambda array: parallel.global_array(array, sharded),
                                 fetch=parallel.fetch, progress=component_done,
-                                on_batch=bars.update, **changed)
+                                on_batch=bars.update, norm=norm, **changed)
+    x_adv = result["x_adv"]
+    outside = float(np.max(np.maximum(-x_adv, x_adv - 1.0))) if len(x_adv) else 0.0
+    check_perturbation(name, settings, result["max_perturbation"], max(outside, 0.0))
     report["warnings"] += [f"{name}: {w}" for w in result["warnings"]]
     return {"clean_acc": result["clean_accuracy"], "robust_acc": result["robust_accuracy"],
             "accuracy_after": result["accuracy_after"],
+            "max_perturbation": result["max_perturbation"],
             "seconds_per_component": {k: round(v, 1) for k, v in result["seconds"].items()},
-            "parameters": _autoattack_parameters(eps, changed)}
+            "parameters": _autoattack_parameters(eps, norm, changed)}
 
 
 class _StageBars:
@@ -176,13 +223,14 @@ class _StageBars:
 
 
 def report_name(report: Dict[str, Any], attack_names: List[str], step_size: float) -> str:
-    """eval_<split>_<attacks>_eps<eps>[_step<step>]_n<count>[_seed<seed>].json: reports of
-    other settings never share a name (eps and steps as k-255 when they are k/255)."""
+    """eval_<split>_<attacks>_<norm>-eps<eps>[_step<step>]_n<count>[_seed<seed>].json: reports
+    of other settings never share a name (eps and steps as k-255 when they are k/255)."""
     def number(value):
         scaled = value * 255
         return f"{round(scaled)}-255" if abs(scaled - round(scaled)) < 1e-6 else f"{value:.6g}"
 
-    parts = ["eval", report["split"], "_".join(attack_names), f"eps{number(report['eps'])}"]
+    parts = ["eval", report["split"], "_".join(attack_names),
+             f"{report['norm']}-eps{number(report['eps'])}"]
     if any(attacks.takes_step_size(name) for name in attack_names):
         parts.append(f"step{number(step_size)}")
     parts.append(f"n{report['examples']}")
@@ -191,10 +239,11 @@ def report_name(report: Dict[str, Any], attack_names: List[str], step_size: floa
     return "_".join(parts) + ".json"
 
 
-def _autoattack_parameters(eps: float, changed: Dict[str, int]) -> Dict[str, Any]:
+def _autoattack_parameters(eps: float, norm: str, changed: Dict[str, int]) -> Dict[str, Any]:
     n_iter = changed.get("n_iter", 100)
     targets = changed.get("n_target_classes", 9)
     return {"version": "standard" if not changed else f"changed: {changed}", "eps": eps,
+            "norm": norm,
             "apgd": {"n_iter": n_iter, "rho": 0.75, "momentum": 0.75, "initial_step": "2 eps",
                      "restarts": 1},
             "apgd-t": {"targets": targets, "n_iter": n_iter},
@@ -206,11 +255,13 @@ def _autoattack_parameters(eps: float, changed: Dict[str, int]) -> Dict[str, Any
 def _print_table(report: Dict[str, Any]) -> None:
     print(f"\n{report['model']['name']} (FPCM {report['model']['fpcm']}) on "
           f"{report['dataset']} {report['split']}, {report['examples']} images, "
-          f"eps {report['eps']:.5f}")
-    print(f"{'attack':<12} {'clean':>8} {'robust':>8} {'seconds':>9} {'img/s':>8}")
+          f"{report['norm']} eps {report['eps']:.5f}")
+    print(f"{'attack':<12} {'clean':>8} {'robust':>8} {'max pert.':>10} {'seconds':>9} "
+          f"{'img/s':>8}")
     for name, entry in report["attacks"].items():
         print(f"{name:<12} {100 * entry['clean_acc']:>7.2f}% {100 * entry['robust_acc']:>7.2f}% "
-              f"{entry['seconds']:>9.1f} {entry['images_per_second']:>8.2f}")
+              f"{entry.get('max_perturbation', 0.0):>10.5f} {entry['seconds']:>9.1f} "
+              f"{entry['images_per_second']:>8.2f}")
     for warning in report["warnings"]:
         print(f"warning: {warning}")
 

@@ -2,13 +2,14 @@
 
 Only the main process writes. A resumed run (start_step > 0) drops the JSONL lines and the
 TensorBoard events logged past the step it resumes from, since they are written again.
+TensorBoard also gets the run's hyperparameters (its HPARAMS tab compares runs on them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class MetricsWriter:
         self.main = parallel.is_main_process()
         self.path = os.path.join(workdir, METRICS_FILE)
         self.board: Optional[object] = None
+        self._session_end = None  # the hparams summary that marks the run finished
         if not self.main:
             return
         self._drop_lines_after(start_step)
@@ -55,6 +57,24 @@ class MetricsWriter:
         if self.board is not None:
             for name, value in values.items():
                 self.board.add_histogram(f"{section}/{name}", np.asarray(value).ravel(), step)
+
+    def hparams(self, values: Dict[str, Any], metric_tags: List[str]) -> None:
+        """The run's hyperparameters for TensorBoard's HPARAMS tab, which compares runs on
+        `metric_tags` (scalars this run logs). Written in the run's own event files, as
+        TensorFlow's hparams API does (tensorboardX's add_hparams would make a separate run)."""
+        if self.board is not None:
+            from tensorboardX.summary import hparams
+
+            experiment, session_start, self._session_end = hparams(values, dict.fromkeys(
+                metric_tags, 0.0))
+            writer = self.board._get_file_writer()  # no public call adds a ready summary
+            writer.add_summary(experiment)
+            writer.add_summary(session_start)
+
+    def session_ended(self) -> None:
+        """Mark the hparams session finished (the run completed)."""
+        if self.board is not None and self._session_end is not None:
+            self.board._get_file_writer().add_summary(self._session_end)
 
     def say(self, message: str) -> None:
         """A console line (through the progress bars, so they stay intact)."""

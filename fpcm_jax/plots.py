@@ -1,8 +1,10 @@
-"""PNG figures of `analysis.run_analysis` results and a run's training curves (matplotlib's
-object API: no display, no global backend chosen at import)."""
+"""PNG figures of `analysis.run_analysis` results, a run's training curves and the runs'
+validation curves of `--mode report` (matplotlib's object API: no display, no global backend
+chosen at import)."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Dict, List
 
@@ -151,3 +153,30 @@ def training_curves(metrics_path: str, out_path: str) -> str:
         axis.set_xlabel("epoch")
     figure.savefig(out_path, dpi=90, bbox_inches="tight")
     return out_path
+
+
+def report_curves(runs: List[Tuple[str, int, Dict[str, List[float]]]], attack: str) -> bytes:
+    """report_curves.png of `--mode report`, as PNG bytes: each run's validation clean and
+    `attack` accuracy per epoch (metrics.jsonl), side by side; runs of one row of the table
+    (`group`) share a colour, each seed a line style."""
+    figure, (clean_axis, robust_axis) = _figure((11, 3.8), 1, 2, sharey=True)
+    styles, seen = ("-", "--", ":", "-."), {}
+    for name, group, curves in runs:
+        if not curves.get("epoch"):
+            continue
+        seen[group] = seen.get(group, -1) + 1  # the how-manyth run of its row
+        style = styles[seen[group] % len(styles)]
+        options = {"color": f"C{group % 10}", "linestyle": style, "marker": ".", "label": name}
+        clean_axis.plot(curves["epoch"], curves["clean"], **options)
+        robust_axis.plot(curves["epoch"], curves["robust"], **options)
+    for axis, title in ((clean_axis, "validation, clean"), (robust_axis, f"validation, {attack}")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        if not seen:
+            axis.text(0.5, 0.5, "no validation records", ha="center", transform=axis.transAxes)
+    clean_axis.set_ylabel("accuracy")
+    if seen:
+        robust_axis.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()

@@ -2,6 +2,9 @@
 
     run.json          the model the run trains (a model description, `fpcm_jax.experiment`);
                       a run resumed with another model is refused
+    config.py, config.json, environment.json, record_history.jsonl
+                      the run's record (`fpcm_jax.run_record`): a resume that changes the
+                      experiment is refused before anything is written
     checkpoints/      the newest two train states, for resuming (`checkpoint.TrainingCheckpoints`)
     best_sum/         model checkpoints selected on the validation split: the best clean +
     best_robust/      robust accuracy, the best robust accuracy
@@ -14,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import jax
+import ml_collections
 
-from fpcm_jax import checkpoint, experiment, parallel
+from fpcm_jax import checkpoint, experiment, parallel, run_record
 from fpcm_jax.files import write_json
 
 RUN_FILE = "run.json"
@@ -30,10 +34,12 @@ BEST_CHECKPOINTS = ("best_robust", "best_sum")  # a run's best models, in the or
 class RunDirectory:
     """A training run's directory: resumable states, best models and summary."""
 
-    def __init__(self, workdir: str, model_description: Dict[str, Any]):
+    def __init__(self, workdir: str, model_description: Dict[str, Any],
+                 config: Optional[ml_collections.ConfigDict] = None):
+        """With `config` (training): check the run's record against it and write it."""
         self.workdir = os.path.abspath(workdir)
         self.model_description = model_description
-        self._check_model(model_description)
+        self.record_entry = self._check_and_record(model_description, config)
         self.checkpoints = checkpoint.TrainingCheckpoints(
             os.path.join(self.workdir, CHECKPOINTS_DIR))
 
@@ -41,8 +47,24 @@ class RunDirectory:
     def checkpoint_dir(self) -> str:
         return self.checkpoints.directory
 
+    def _check_and_record(self, description: Dict[str, Any],
+                          config: Optional[ml_collections.ConfigDict]) -> Optional[Dict]:
+        """Refuse a workdir of another model or experiment (before anything is written), then
+        write run.json and the record; the record's history entry for this start."""
+        self._check_model(description)
+        entry = run_record.check_resume(self.workdir, config) if config is not None else None
+        if jax.process_index() == 0:
+            os.makedirs(self.workdir, exist_ok=True)
+            path = os.path.join(self.workdir, RUN_FILE)
+            if not os.path.exists(path):
+                write_json(path, description)
+            if entry is not None:
+                run_record.write(self.workdir, config, entry)
+        parallel.barrier(f"run_directory:{self.workdir}")  # run.json exists for everyone
+        return entry
+
     def _check_model(self, description: Dict[str, Any]) -> None:
-        """Write run.json, or refuse a workdir whose run.json describes another model."""
+        """Refuse a workdir whose run.json describes another model."""
         path = os.path.join(self.workdir, RUN_FILE)
         if os.path.exists(path):
             with open(path) as handle:
@@ -54,10 +76,6 @@ class RunDirectory:
                                    for k in changed)
                 raise ValueError(f"--workdir {self.workdir} holds a run of another model "
                                  f"({detail}). Use a new --workdir, or the same model config.")
-        elif jax.process_index() == 0:
-            os.makedirs(self.workdir, exist_ok=True)
-            write_json(path, description)
-        parallel.barrier(f"run_directory:{self.workdir}")  # run.json exists for everyone
 
     def save_best(self, name: str, variables: Dict[str, Any], record: Dict[str, Any]) -> None:
         info = dict(self.model_description, selected_by=name, **record)

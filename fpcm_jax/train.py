@@ -3,9 +3,11 @@
 `train_and_evaluate(config, workdir)` trains (or resumes) a run: each step is
 `fpcm_jax.train_step` (one jitted, data-parallel step), batches come from `data.Batches`, the
 run directory is kept by `fpcm_jax.run_dir` and the figures go through `fpcm_jax.metrics`.
-At each epoch end (every `train.eval_every_epochs`) the model is validated (clean and PGD,
-eval mode, final cutoff) and the best models are saved; at the end it is tested. The config is
-assumed checked (`config_checks.check_training`, which main.py calls).
+The output starts with the settings that define the run (its record, `fpcm_jax.run_record`:
+a resume that changes them is refused before anything is written). At each epoch end
+(every `train.eval_every_epochs`) the model is validated (clean and PGD, eval mode, final
+cutoff) and the best models are saved; at the end it is tested. The config is assumed checked
+(`config_checks.check_training`, which main.py calls).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import ml_collections
 
-from fpcm_jax import accuracy, data, experiment, layers, parallel, plots, progress, run_dir
+from fpcm_jax import (accuracy, data, experiment, layers, parallel, plots, progress, run_dir,
+                      run_record)
 from fpcm_jax import train_step as step_lib
 from fpcm_jax.metrics import MetricsWriter
 
@@ -65,7 +68,7 @@ class _Training:
                                     config.data.extra_fraction, config.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.train.epochs
-        self.run_dir = run_dir.RunDirectory(workdir, experiment.describe(config))
+        self.run_dir = run_dir.RunDirectory(workdir, experiment.describe(config), config)
         self.mesh = parallel.make_mesh()
         repl = parallel.replicated(self.mesh)
         tx, learning_rate = step_lib.make_optimizer(config.train, self.steps_per_epoch)
@@ -77,6 +80,7 @@ class _Training:
         self.start_step = int(self.state.step)
         self.metrics = MetricsWriter(self.run_dir.workdir, config.logging.tensorboard,
                                      self.start_step)
+        self._announce()
         probe_split = self.val_split if len(self.val_split) else train_split
         self.alpha_probe = _alpha_probe(self.model, probe_split, config.logging.alpha_examples,
                                         repl)
@@ -84,8 +88,23 @@ class _Training:
         self.train_step = step_lib.jit_train_step(step_lib.make_train_step(
             self.model, tx, learning_rate, config, self.steps_per_epoch), self.mesh)
         self.eval_step = accuracy.pgd_eval_step(self.model, self.mesh, config.eval.attack_steps,
-                                                config.attack.eps, config.attack.step_size)
+                                                config.attack.eps, config.attack.step_size,
+                                                config.attack.norm)
         self.pending = None  # (step, metrics) of the step before, fetched after the next
+
+    def _announce(self) -> None:
+        """The settings that define the run, at the start of the output and in TensorBoard."""
+        resumed = (f" (resuming at step {self.start_step} of {self.total_steps})"
+                   if self.start_step else "")
+        self.metrics.say(f"Training in {self.run_dir.workdir}{resumed}; the record: "
+                         f"{run_record.CONFIG_SOURCE_FILE}, {run_record.ENVIRONMENT_FILE}.")
+        for line in (run_record.settings_lines(self.config) +
+                     run_record.change_lines(self.run_dir.record_entry)):
+            self.metrics.say(f"  {line}")
+        steps = self.config.train.final_test_attack_steps
+        self.metrics.hparams(run_record.hparams(self.config),
+                             ["validation/clean_acc", "validation/robust_acc", "test/clean_acc",
+                              f"test/pgd{steps}_acc"])
 
     def run(self, stop: _StopFlag) -> Dict[str, Any]:
         step = self.start_step
@@ -196,13 +215,14 @@ class _Training:
         config, run = self.config, self.run_dir
         steps = config.train.final_test_attack_steps
         eval_step = accuracy.pgd_eval_step(self.model, self.mesh, steps, config.attack.eps,
-                                           config.attack.step_size)
+                                           config.attack.step_size, config.attack.norm)
         result = accuracy.evaluate_split(eval_step, self.state.eval_variables(config.eval.use_ema),
                                          self.test_split, config.eval.batch_size,
                                          jax.random.fold_in(self.eval_key, 2**31 - 1), self.mesh)
         summary = {"final_step": int(self.state.step), "test_examples": result["examples"],
                    "test_clean_acc": result["clean_acc"],
-                   f"test_pgd{steps}_acc": result["robust_acc"], "checkpoints": run.listing()}
+                   f"test_pgd{steps}_acc": result["robust_acc"], "norm": config.attack.norm,
+                   "eps": config.attack.eps, "checkpoints": run.listing()}
         run.write_summary(summary)
         self.metrics.scalars("test", summary["final_step"],
                              {"clean_acc": result["clean_acc"],
@@ -210,8 +230,11 @@ class _Training:
         if config.logging.curves and self.main:
             summary["curves"] = plots.training_curves(self.metrics.path,
                                                       os.path.join(run.workdir, "curves.png"))
-        self.metrics.say(f"Final model on the test split ({result['examples']} images): clean "
-                         f"{result['clean_acc']:.4f}, PGD-{steps} {result['robust_acc']:.4f}. "
+        self.metrics.session_ended()
+        self.metrics.say(f"Final model ({run_record.weights_tested(config)} weights) on the test "
+                         f"split ({result['examples']} images): clean "
+                         f"{result['clean_acc']:.4f}, PGD-{steps} ({config.attack.norm}) "
+                         f"{result['robust_acc']:.4f}. "
                          f"Checkpoints: {', '.join(summary['checkpoints'])}.")
         return summary
 

@@ -184,7 +184,7 @@ def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Ca
                 kl = losses.kl_per_example(target, jax.nn.log_softmax(logits)).sum()
                 return kl, new_stats
         else:
-            start = uniform_start(key, x, attack_cfg.eps)
+            start = uniform_start(key, x, attack_cfg.eps, attack_cfg.norm)
 
             def loss_fn(x_adv, stats_in):
                 logits, new_stats = logits_and_stats(x_adv, stats_in)
@@ -192,7 +192,8 @@ def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Ca
                 return ce, new_stats
 
         return pgd_iterate(loss_fn, x, start, stats, attack_cfg.eps, attack_cfg.step_size,
-                           attack_cfg.steps, unroll=ATTACK_LOOPS[attack_cfg.loop])
+                           attack_cfg.steps, unroll=ATTACK_LOOPS[attack_cfg.loop],
+                           norm=attack_cfg.norm)
 
     return attack
 

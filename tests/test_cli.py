@@ -28,11 +28,12 @@ def snapshot(directory):
 @pytest.mark.parametrize("args, message", [
     (["--config.model.widths=16,32"], "four positive integers"),
     (["--config.model.name=wrn-16-2"], "unset it with --config.model.widths=()"),
-    (["--config.attack.eps=-0.03"], "attack.eps=-0.03 must lie in [0, 1]"),
+    (["--config.attack.eps=-0.03"], "attack.eps=-0.03 must lie in (0, 1] for the linf norm"),
     (["--config.train.batch_size=0"], "train.batch_size=0 must be positive"),
     (["--mode", "eval", "--num_examples", "0"], "--num_examples=0 must be positive"),
     (["--mode", "eval", "--num_examples", "-5"], "--num_examples=-5 must be positive"),
-    (["--mode", "eval", "--eps", "-0.03"], "--eps=-0.03 must lie in [0, 1]"),
+    (["--mode", "eval", "--eps", "-0.03"], "--eps=-0.03 must lie in (0, 1]"),
+    (["--mode", "eval", "--norm", "l1"], "--norm='l1' is not a threat model; use one of linf, l2"),
     (["--mode", "eval", "--attack", "pgd0"], "no steps; give N >= 1"),
     (["--mode", "eval", "--batch_size", "0"], "--batch_size=0 must be positive"),
     (["--mode", "analyze", "--checkpoints", "runs/none"], "pass --checkpoints PATH"),
@@ -53,7 +54,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, args, 
 def test_help_lists_the_modes_and_flags(flag):
     result = run_main(flag)
     assert result.returncode == 0 and result.stderr == ""
-    for text in ("--mode: <train|eval|analyze|export|info>", "--attack", "allow_fallback",
+    for text in ("--mode: <train|eval|analyze|report|export|info>", "--attack", "allow_fallback",
                  "--workdir", "python main.py --config configs/cifar10_resnet18.py"):
         assert text in result.stdout
     assert ("checkpoint_every_steps: 500" in result.stdout) == (flag == "--helpfull")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -33,12 +34,18 @@ def test_eval_counts_every_example_once_and_writes_a_report(tiny_run):
     assert saved["attacks"]["pgd3"]["parameters"]["eps"] == config.attack.eps
     assert saved["attacks"]["apgd-ce"]["parameters"]["apgd"]["n_iter"] == 5
     assert os.path.basename(report["report_path"]) == (
-        "eval_test_none_pgd3_apgd-ce_eps8-255_step2-255_n50.json")
+        "eval_test_none_pgd3_apgd-ce_linf-eps8-255_step2-255_n50.json")
+    # The threat model and the largest perturbation each attack produced (PGD's clip reaches
+    # eps; the clean images are not perturbed).
+    assert saved["norm"] == "linf" and saved["eps"] == config.attack.eps
+    assert saved["attacks"]["none"]["max_perturbation"] == 0.0
+    assert abs(saved["attacks"]["pgd3"]["max_perturbation"] - config.attack.eps) < 1e-6
     assert saved["complete"] and not [n for n in os.listdir(workdir) if "partial" in n]
     # Other settings get another name; a rerun of the same settings keeps the history.
     again = evaluate.run_evaluation(config, str(workdir), ["none"], num_examples=40, eps=0.01,
                                     seed=3, split="validation")
-    assert os.path.basename(again["report_path"]) == "eval_validation_none_eps0.01_n40_seed3.json"
+    assert os.path.basename(again["report_path"]) == (
+        "eval_validation_none_linf-eps0.01_n40_seed3.json")
     evaluate.run_evaluation(config, str(workdir), ["none"], num_examples=40, eps=0.01, seed=3,
                             split="validation")
     history = [json.loads(line) for line in open(workdir / evaluate.HISTORY_FILE)]
@@ -52,10 +59,37 @@ def test_eval_counts_every_example_once_and_writes_a_report(tiny_run):
     ("batch_size", 0, "--batch_size=0 must be positive"),
     ("eps", -0.03, "--eps=-0.03 must lie in"),
     ("step_size", 2.0, "--step_size=2.0 must lie in"),
+    ("norm", "l1", "--norm='l1' is not a threat model; use one of linf, l2"),
 ])
 def test_bad_eval_options_are_refused(option, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         config_checks.check_evaluation(tiny_config(), "pgd3", **{option: value})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"norm": "l2", "eps": 0.0}, "--eps=0.0 must lie in (0, 55.426] for the l2 norm on digits"),
+    ({"norm": "l2", "eps": 56.0}, "--eps=56.0 must lie in (0, 55.426]"),
+    ({"norm": "l2", "eps": 0.5, "step_size": -0.1}, "--step_size=-0.1 must lie in [0, 55.426]"),
+    ({"norm": "linf", "eps": 1.5}, "--eps=1.5 must lie in (0, 1] for the linf norm"),
+    ({"norm": "l2", "attack": "none,fgsm"}, "'fgsm' is an L-inf attack; with norm 'l2' use fgm"),
+])
+def test_bad_threat_models_are_refused(options, message):
+    """An eps outside (0, the largest distance of two 32x32x3 images = sqrt(3072)], and an
+    L-inf-only attack in L2, are one-line errors before anything runs."""
+    options = dict(options)
+    attack = options.pop("attack", "pgd3")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_checks.check_evaluation(tiny_config(), attack, **options)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"attack__norm": "l1"}, "--config.attack.norm='l1' is not valid"),
+    ({"attack__norm": "l2", "attack__eps": 60.0}, "--config.attack.eps=60.0 must lie in (0, 55.426]"),
+    ({"attack__eps": 0.0}, "--config.attack.eps=0.0 must lie in (0, 1] for the linf norm"),
+])
+def test_bad_training_threat_models_are_refused(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_checks.check_training(tiny_config(**changes))
 
 
 def test_an_interrupted_autoattack_keeps_the_components_it_finished(tiny_run, monkeypatch):

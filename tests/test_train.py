@@ -262,7 +262,7 @@ def test_default_xla_flags_respect_the_users_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("section, name, value, message", [
-    ("attack", "eps", -0.03, "attack.eps=-0.03 must lie in \\[0, 1\\]"),
+    ("attack", "eps", -0.03, "attack.eps=-0.03 must lie in \\(0, 1\\] for the linf norm"),
     ("attack", "steps", -1, "attack.steps=-1 must be an integer >= 0"),
     ("train", "checkpoint_every_steps", -5, "checkpoint_every_steps=-5"),
     ("train", "batch_size", 0, "train.batch_size=0 must be positive"),

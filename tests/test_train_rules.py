@@ -45,6 +45,9 @@ CASES = {
     "mart_ignores_kl_option": {"train__loss": "mart", "train__trades_attack": "kl"},  # PGD-CE
     "awp_pgd_at": {"train__awp_gamma": 0.01},
     "awp_trades": {"train__loss": "trades", "train__awp_gamma": 0.005},
+    "pgd_at_l2": {"attack__norm": "l2", "attack__eps": 0.5, "attack__step_size": 0.1},
+    "trades_kl_attack_l2": {"train__loss": "trades", "train__trades_attack": "kl",
+                            "attack__norm": "l2", "attack__eps": 0.5, "attack__step_size": 0.1},
 }
 
 
@@ -101,15 +104,24 @@ def training_loss(train_cfg):
     return lambda clean, adv, y: cross_entropy(adv, y)
 
 
-def kl_attack(logits_fn, x, target_logits, key, eps, step_size, steps):
-    """The TRADES paper's attack (its official code): start at x + 0.001 N(0, 1), signed
-    steps up KL(target || model), into [x - eps, x + eps] by min/max, then into [0, 1].
-    Returns every iterate, the start first."""
+def kl_attack(logits_fn, x, target_logits, key, eps, step_size, steps, norm="linf"):
+    """The TRADES paper's attack (its official code): start at x + 0.001 N(0, 1), steps up
+    KL(target || model). L-inf: signed steps, into [x - eps, x + eps] by min/max, then into
+    [0, 1]. L2: steps along the gradient divided by its L2 norm (+1e-10), the perturbation
+    scaled back to norm eps if longer, then into [0, 1]. Returns every iterate, the start
+    first."""
     objective = lambda x_adv: jnp.sum(kl_rows(target_logits, logits_fn(x_adv)))
     iterates = [x + 0.001 * jax.random.normal(key, x.shape)]
     for _ in range(steps):
-        moved = iterates[-1] + step_size * jnp.sign(jax.grad(objective)(iterates[-1]))
-        iterates.append(jnp.clip(jnp.minimum(jnp.maximum(moved, x - eps), x + eps), 0.0, 1.0))
+        grad = jax.grad(objective)(iterates[-1])
+        if norm == "linf":
+            moved = iterates[-1] + step_size * jnp.sign(grad)
+            iterates.append(jnp.clip(jnp.minimum(jnp.maximum(moved, x - eps), x + eps), 0, 1))
+            continue
+        lengths = lambda v: jnp.sqrt(jnp.sum(v ** 2, axis=(1, 2, 3), keepdims=True))
+        delta = iterates[-1] + step_size * grad / (lengths(grad) + 1e-10) - x
+        delta = delta * jnp.minimum(1.0, eps / lengths(delta))
+        iterates.append(jnp.clip(x + delta, 0.0, 1.0))
     return iterates
 
 
@@ -169,10 +181,10 @@ def adversarial_iterates(config, forwards, params, stats, x, y, key):
         logits_fn = lambda x_in: forwards.train_logits(params, x_in)
     if config.train.loss == "trades" and config.train.trades_attack == "kl":
         return kl_attack(logits_fn, x, logits_fn(x), key, attack_cfg.eps,
-                         attack_cfg.step_size, attack_cfg.steps)
+                         attack_cfg.step_size, attack_cfg.steps, attack_cfg.norm)
     # attacks.pgd with k steps is the k-th iterate of its longer runs (same key, same start).
-    return [attacks.pgd(logits_fn, x, y, key, attack_cfg.eps, attack_cfg.step_size, k)
-            for k in range(attack_cfg.steps + 1)]
+    return [attacks.pgd(logits_fn, x, y, key, attack_cfg.eps, attack_cfg.step_size, k,
+                        norm=attack_cfg.norm) for k in range(attack_cfg.steps + 1)]
 
 
 def reference_step(config, model, state, batch, key, step_x_adv):

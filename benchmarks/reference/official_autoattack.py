@@ -12,7 +12,14 @@ official FPCM repository (for its model classes; nothing of it is copied here):
     /tmp/torchenv/bin/python benchmarks/reference/official_autoattack.py \
         --official-repo /path/to/official --model wrn-10-1 --export export.npz
 
-Prints one JSON line: clean accuracy, PGD-20/50 (torchattacks) and AutoAttack per component.
+    # L2 (eps 0.5; torchattacks' PGDL2 with step 0.1):
+    /tmp/torchenv/bin/python benchmarks/reference/official_autoattack.py --norm l2 --eps 0.5 \
+        --official-repo /path/to/official --model wrn-10-1 --export export.npz \
+        --flags-out official_flags.npz
+
+Prints one JSON line: clean accuracy, PGD-20/50 (torchattacks) and AutoAttack per component
+with its largest perturbation; --flags-out writes each point's robust flag after each AutoAttack
+component (for `compare_autoattack.py`, which runs fpcm-jax's AutoAttack on the same points).
 """
 
 import argparse
@@ -39,13 +46,43 @@ def build_model(official_repo, name, num_classes):
     return ResNet18_FNet(num_classes=num_classes)
 
 
+def record_fooled(adversary, model, x):
+    """{component: flags of the points one of its perturb() calls fooled}: wraps the
+    package's attack objects; points are found by their exact pixels."""
+    index = {row.numpy().tobytes(): i for i, row in enumerate(x)}
+    fooled = {name: np.zeros(len(x), bool) for name in ("apgd-ce", "apgd-t", "fab-t", "square")}
+
+    def wrap(attack, name):
+        perturb = attack.perturb
+
+        def recorded(x_batch, y_batch, *args, **kwargs):
+            adv = perturb(x_batch, y_batch, *args, **kwargs)
+            with torch.no_grad():
+                wrong = (model(adv).argmax(1) != y_batch).numpy()
+            for row, is_wrong in zip(x_batch, wrong):
+                fooled[name][index[row.numpy().tobytes()]] |= bool(is_wrong)
+            return adv
+
+        attack.perturb = recorded
+
+    for attribute, name in (("apgd", "apgd-ce"), ("apgd_targeted", "apgd-t"), ("fab", "fab-t"),
+                            ("square", "square")):
+        wrap(getattr(adversary, attribute), name)
+    return fooled
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--official-repo", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--export", required=True, help="npz from export_for_reference.py")
+    parser.add_argument("--norm", choices=["linf", "l2"], default="linf")
     parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--step", type=float, default=None,
+                        help="PGD step (default: linf 2/255, l2 0.1)")
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--flags-out", default=None, help="npz of per-point robust flags")
+    parser.add_argument("--skip-pgd", action="store_true", help="AutoAttack only")
     args = parser.parse_args()
     torch.set_num_threads(2)
     archive = np.load(args.export)
@@ -65,10 +102,11 @@ def main():
               "clean_acc": float((logits.argmax(1) == y).float().mean())}
 
     import torchattacks
-    for steps in (20, 50):
+    step = args.step or (2 / 255 if args.norm == "linf" else 0.1)
+    pgd_class = torchattacks.PGD if args.norm == "linf" else torchattacks.PGDL2
+    for steps in () if args.skip_pgd else (20, 50):
         torch.manual_seed(0)
-        attack = torchattacks.PGD(model, eps=args.eps, alpha=2 / 255, steps=steps,
-                                  random_start=True)
+        attack = pgd_class(model, eps=args.eps, alpha=step, steps=steps, random_start=True)
         start = time.time()
         x_adv = torch.cat([attack(x[i:i + args.batch], y[i:i + args.batch])
                            for i in range(0, len(y), args.batch)])
@@ -79,8 +117,9 @@ def main():
         print(json.dumps(result), file=sys.stderr, flush=True)  # partial results, as they come
 
     from pyautoattack import AutoAttack
-    adversary = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", device="cpu",
-                           seed=0)
+    adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[args.norm], eps=args.eps,
+                           version="standard", device="cpu", seed=0)
+    fooled = record_fooled(adversary, model, x)
     start = time.time()
     log = io.StringIO()
     handler = logging.StreamHandler(log)
@@ -98,6 +137,16 @@ def main():
     with torch.no_grad():
         robust = (model(x_adv).argmax(1) == y)
     result["autoattack_acc"] = float(robust.float().mean())
+    delta = (x_adv - x).reshape(len(y), -1)
+    result["autoattack_max_perturbation"] = float(
+        delta.abs().max() if args.norm == "linf" else delta.norm(dim=1).max())
+    if args.flags_out:
+        clean = (logits.argmax(1) == y).numpy()
+        flags, still = {}, clean.copy()
+        for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+            still = still & ~fooled[name]
+            flags[name] = still.copy()
+        np.savez(args.flags_out, clean=clean, **flags)
     result["autoattack_log"] = [line for line in log.getvalue().splitlines()
                                 if "accuracy" in line]
     result["autoattack_seconds"] = round(time.time() - start, 1)

@@ -1,4 +1,5 @@
-"""What the attacks share: the loop form, per-example keys and masks, margins, target ranks.
+"""What the attacks share: the loop form, per-example keys and masks, margins, target ranks,
+the threat models (norms) and their balls.
 
 `fixed_loop` runs a loop either unrolled or as a `lax.fori_loop`; by default it follows the
 backend and the loop's length (`default_unroll`: short loops unrolled on CPU, where a conv net
@@ -58,6 +59,25 @@ def per_example(values: jax.Array, like: jax.Array) -> jax.Array:
 def clip_to_ball(points: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     """points clipped into the L-inf eps-ball around x, then into [0, 1]."""
     return jnp.clip(jnp.clip(points, x - eps, x + eps), 0.0, 1.0)
+
+
+# The threat models: every attack takes norm="linf" (the default) or "l2".
+NORMS = ("linf", "l2")
+
+
+def check_norm(norm: str) -> str:
+    """norm itself if it is one of NORMS, else a one-line ValueError naming the valid ones."""
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; use one of {', '.join(NORMS)}.")
+    return norm
+
+
+def norms(delta: jax.Array, norm: str) -> jax.Array:
+    """Per-example norms (B,) of a batch of perturbations (B, ...): L-inf or L2."""
+    flat = delta.reshape(delta.shape[0], -1)
+    if check_norm(norm) == "linf":
+        return jnp.max(jnp.abs(flat), axis=1)
+    return jnp.sqrt(jnp.sum(flat * flat, axis=1))
 
 
 def pick(logits: jax.Array, classes: jax.Array) -> jax.Array:

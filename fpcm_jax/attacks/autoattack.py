@@ -1,6 +1,7 @@
 """AutoAttack, standard version (Croce and Hein, 2020): APGD-CE, APGD-T, FAB-T, Square.
 
-    result = autoattack(logits_fn, x, y, key, eps=8/255)
+    result = autoattack(logits_fn, x, y, key, eps=8/255)              # L-inf
+    result = autoattack(logits_fn, x, y, key, eps=0.5, norm="l2")      # L2
     result["robust_accuracy"], result["flags_after"]["apgd-t"], result["warnings"]
 
 Each attack runs only on the points still robust after the attacks before it, and a point
@@ -10,13 +11,15 @@ a fixed size (the last one padded and masked), so every stage compiles once. Ran
 come from keys derived from each point's index: a point meets the same randomness whatever
 batch it is in, and the same as when the attack runs alone. Published parameters: APGD 100
 iterations, rho 0.75, momentum 0.75, first step 2 eps; APGD-T and FAB-T 9 targets, 100
-iterations; Square 5,000 queries, p_init 0.8. The components and their stages come from
+iterations; Square 5,000 queries, p_init 0.8; the same four in L2 (each with its L2 step,
+projection or, for Square, its L2 algorithm). The components and their stages come from
 `registry`.
 
 The reference implementation's sanity checks are reported as warnings: the output varies
 between identical passes (randomness), the outputs look like probabilities, some points have
 zero gradient at the start of APGD-T, and Square lowers the robust accuracy by more than 0.2
-points below the white-box attacks.
+points below the white-box attacks. The result also holds the largest perturbation (in the
+attack's norm) of the adversarial examples found, as the reference reports it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcm_jax.attacks._common import target_ranks
+from fpcm_jax.attacks._common import check_norm, norms, target_ranks
 from fpcm_jax.attacks.registry import COMPONENTS, Attack, component
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -48,6 +51,7 @@ class _Call(NamedTuple):
     fetch: Callable[[jax.Array], np.ndarray]
     batch_size: int
     eps: float
+    norm: str
     n_iter: int
     n_queries: int
     n_target_classes: int
@@ -60,8 +64,8 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
                put: Optional[Callable[[np.ndarray], jax.Array]] = None,
                fetch: Optional[Callable[[jax.Array], np.ndarray]] = None,
                progress: Optional[Callable[[str, float], None]] = None,
-               on_batch: Optional[Callable[[str, int, int, int, int, int], None]] = None
-               ) -> Dict[str, Any]:
+               on_batch: Optional[Callable[[str, int, int, int, int, int], None]] = None,
+               norm: str = "linf") -> Dict[str, Any]:
     """Run AutoAttack over all of x (NHWC in [0, 1]) with labels y.
 
     logits_fn(x) -> logits, or logits_fn(params, x) when `params` is given (then the weights
@@ -75,13 +79,16 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     stage, stages, points done, points in the stage, robust points now) when a stage starts
     (0 done) and after each of its batches.
     Returns clean and per-component robust flags and accuracies, x_adv, times and warnings.
-    An unknown component name in `attacks_to_run` is a ValueError before anything runs.
+    norm: the threat model, 'linf' (default) or 'l2'.
+    An unknown component name in `attacks_to_run` or an unknown norm is a ValueError before
+    anything runs.
     """
+    check_norm(norm)
     components = [(name, component(name)) for name in attacks_to_run]
     call = _Call(np.asarray(x, np.float32), np.asarray(y, np.int32), key, params,
                  (lambda p, inputs: logits_fn(inputs)) if params is None else logits_fn,
                  _stage_cache(logits_fn if params is not None else None),
-                 put or jnp.asarray, fetch or np.asarray, batch_size, eps, n_iter, n_queries,
+                 put or jnp.asarray, fetch or np.asarray, batch_size, eps, norm, n_iter, n_queries,
                  n_target_classes, on_batch)
     result, robust = _clean_pass(call)
     x_adv = call.x.copy()
@@ -94,7 +101,7 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
         result["seconds"][name] = time.time() - start_time
         if progress is not None:
             progress(name, result["accuracy_after"][name])
-    _finish(result, call.x, robust, x_adv, zero_grad_points)
+    _finish(result, call, robust, x_adv, zero_grad_points)
     return result
 
 
@@ -122,7 +129,7 @@ def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
     warnings = _output_warnings(lambda inputs: call.fetch(predict(call.params, inputs)),
                                 call.put(call.x[np.resize(np.arange(count), call.batch_size)]),
                                 clean_logits) if count else []
-    result = {"examples": count, "eps": call.eps, "clean_flags": robust.copy(),
+    result = {"examples": count, "eps": call.eps, "norm": call.norm, "clean_flags": robust.copy(),
               "clean_accuracy": _fraction(robust), "flags_after": {}, "accuracy_after": {},
               "seconds": {}, "warnings": warnings}
     return result, robust
@@ -133,8 +140,8 @@ def _run_component(call: _Call, name: str, entry: Attack, robust: np.ndarray,
     """All stages of one component, each on the points still robust: updates robust and x_adv
     in place; returns the number of points with zero gradient at APGD-T's first stage."""
     stage_fn = functools.partial(entry.stage, eps=call.eps, n_iter=call.n_iter,
-                                 n_queries=call.n_queries)
-    run = call.cache.setdefault((name, call.eps, call.n_iter, call.n_queries),
+                                 n_queries=call.n_queries, norm=call.norm)
+    run = call.cache.setdefault((name, call.eps, call.norm, call.n_iter, call.n_queries),
                                 jax.jit(functools.partial(_run_stage, call.apply, stage_fn)))
     ranks = list(target_ranks(call.n_target_classes)) if entry.targeted else [0]
     zero_grad_points = 0
@@ -172,7 +179,7 @@ def _run_stage_batches(call: _Call, run: Callable, where: Tuple[str, int, int],
     return zero_grad_points
 
 
-def _finish(result: Dict[str, Any], x: np.ndarray, robust: np.ndarray, x_adv: np.ndarray,
+def _finish(result: Dict[str, Any], call: _Call, robust: np.ndarray, x_adv: np.ndarray,
             zero_grad_points: int) -> None:
     """The final robust flags, x_adv and the warnings that need every component."""
     if zero_grad_points:
@@ -183,7 +190,8 @@ def _finish(result: Dict[str, Any], x: np.ndarray, robust: np.ndarray, x_adv: np
     result["robust_flags"] = robust
     result["robust_accuracy"] = _fraction(robust)
     result["x_adv"] = x_adv
-    result["max_perturbation"] = float(np.abs(x_adv - x).max()) if len(x) else 0.0
+    result["max_perturbation"] = (float(np.max(norms(x_adv - call.x, call.norm)))
+                                  if len(call.x) else 0.0)
 
 
 # Compiled stages per logits_fn(params, x): the weights are arguments, so a second evaluation

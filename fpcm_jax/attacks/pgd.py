@@ -1,9 +1,13 @@
-"""L-inf gradient-sign attacks: FGSM, PGD-N and CW-N, as pure functions of a `logits_fn`.
+"""Gradient attacks: FGSM, FGM, PGD-N and CW-N, as pure functions of a `logits_fn`.
 
     x_adv = pgd(logits_fn, x, y, key, eps=8/255, step_size=2/255, steps=50)
+    x_adv = pgd(logits_fn, x, y, key, eps=0.5, step_size=0.1, steps=50, norm="l2")
 
-All take clean images x in [0, 1] (any shape), labels y and an RNG key, and return images in
-the eps-ball around x and in [0, 1], with `stop_gradient`. The loop form follows the backend
+All take clean images x in [0, 1] (a batch, any shape), labels y and an RNG key, and return
+images in the eps-ball around x and in [0, 1], with `stop_gradient`. norm="linf" (the default)
+steps along the gradient's sign; norm="l2" steps along the gradient divided by its L2 norm and
+projects by scaling the perturbation back to the ball, as torchattacks' PGDL2 does. FGSM is the
+L-inf attack; FGM is the same single step in either norm. The loop form follows the backend
 and the number of steps (`default_unroll`, from `_common` and importable from here: short loops
 unrolled on CPU, where a conv net inside `lax.fori_loop` ran 3x slower; `lax.fori_loop`
 otherwise); `unroll=True/False` forces one.
@@ -20,33 +24,60 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fpcm_jax.attacks._common import UNROLL_MAX_STEPS_CPU, default_unroll, fixed_loop, margin
+from fpcm_jax.attacks._common import (UNROLL_MAX_STEPS_CPU, check_norm, default_unroll,
+                                      fixed_loop, margin, norms, per_example)
 
 __all__ = ["UNROLL_MAX_STEPS_CPU", "default_unroll", "fixed_loop", "uniform_start", "project",
-           "pgd_iterate", "cross_entropy", "cw_margin", "pgd", "fgsm", "cw"]
+           "ascent_direction", "pgd_iterate", "cross_entropy", "cw_margin", "pgd", "fgsm", "fgm",
+           "cw"]
+
+# torchattacks' PGDL2 `eps_for_division`: keeps a zero gradient's L2 step finite (and zero).
+L2_DIVISION_EPS = 1e-10
 
 
-def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-    """x + U(-eps, eps), clipped to [0, 1] (the official PGD's random start)."""
-    noise = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
-    return jnp.clip(x + noise, 0.0, 1.0)
+def uniform_start(key: jax.Array, x: jax.Array, eps: float, norm: str = "linf") -> jax.Array:
+    """A random start in the eps-ball, clipped to [0, 1]. L-inf: x + U(-eps, eps) per pixel
+    (the official PGD's); L2: x + a gaussian direction scaled per example to length U(0, 1) *
+    eps (torchattacks' PGDL2)."""
+    if check_norm(norm) == "linf":
+        noise = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+        return jnp.clip(x + noise, 0.0, 1.0)
+    direction_key, radius_key = jax.random.split(key)
+    direction = jax.random.normal(direction_key, x.shape, x.dtype)
+    radius = jax.random.uniform(radius_key, (x.shape[0],), x.dtype) * eps
+    return jnp.clip(x + direction * per_example(radius / norms(direction, "l2"), x), 0.0, 1.0)
 
 
-def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-    """Back into the eps-ball around x and into [0, 1]."""
-    return jnp.clip(x + jnp.clip(x_adv - x, -eps, eps), 0.0, 1.0)
+def project(x_adv: jax.Array, x: jax.Array, eps: float, norm: str = "linf") -> jax.Array:
+    """Back into the eps-ball around x and into [0, 1]. L2: the perturbation scaled by
+    min(1, eps / ||x_adv - x||_2) per example (torchattacks' PGDL2; 1 for a zero one)."""
+    delta = x_adv - x
+    if check_norm(norm) == "linf":
+        return jnp.clip(x + jnp.clip(delta, -eps, eps), 0.0, 1.0)
+    factor = jnp.minimum(eps / norms(delta, "l2"), 1.0)
+    return jnp.clip(x + delta * per_example(factor, x), 0.0, 1.0)
+
+
+def ascent_direction(grad: jax.Array, norm: str = "linf") -> jax.Array:
+    """The unit step for a gradient: its sign (L-inf) or grad / (||grad||_2 + 1e-10) per
+    example (L2)."""
+    if check_norm(norm) == "linf":
+        return jnp.sign(grad)
+    return grad / per_example(norms(grad, "l2") + L2_DIVISION_EPS, grad)
 
 
 def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: jax.Array,
                 x_start: jax.Array, carry: Any, eps: float, step_size: float, steps: int,
-                unroll: Optional[bool] = None) -> Tuple[jax.Array, Any]:
-    """`steps` signed-gradient ascent steps on loss_fn(x_adv, carry) -> (loss, new_carry)."""
+                unroll: Optional[bool] = None, norm: str = "linf") -> Tuple[jax.Array, Any]:
+    """`steps` gradient ascent steps (`ascent_direction` times step_size, then `project`) on
+    loss_fn(x_adv, carry) -> (loss, new_carry)."""
+    check_norm(norm)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(_, state):
         x_adv, carry = state
         grad, carry = grad_fn(x_adv, carry)
-        return project(x_adv + step_size * jnp.sign(grad), x, eps), carry
+        return project(x_adv + step_size * ascent_direction(grad, norm), x, eps, norm), carry
 
     x_adv, carry = fixed_loop(steps, step, (x_start, carry), unroll)
     return jax.lax.stop_gradient(x_adv), carry
@@ -64,28 +95,41 @@ def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, key: jax.Array,
         eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
-        random_start: bool = True, unroll: Optional[bool] = None) -> jax.Array:
-    """PGD-N on cross-entropy: uniform random start, signed steps, last iterate."""
-    start = uniform_start(key, x, eps) if random_start else x
+        random_start: bool = True, unroll: Optional[bool] = None,
+        norm: str = "linf") -> jax.Array:
+    """PGD-N on cross-entropy: random start in the ball (`uniform_start`), steps of
+    step_size (`pgd_iterate`), last iterate."""
+    check_norm(norm)
+    start = uniform_start(key, x, eps, norm) if random_start else x
     loss_fn = lambda x_adv, carry: (cross_entropy(logits_fn(x_adv), y), carry)
-    return pgd_iterate(loss_fn, x, start, None, eps, step_size, steps, unroll)[0]
+    return pgd_iterate(loss_fn, x, start, None, eps, step_size, steps, unroll, norm)[0]
+
+
+def fgm(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
+        key: jax.Array, eps: float = 8 / 255, norm: str = "linf") -> jax.Array:
+    """One gradient step of size eps from the clean image (no random start): FGSM in L-inf,
+    the L2-normalised gradient in L2."""
+    return pgd(logits_fn, x, y, key, eps, eps, 1, random_start=False, norm=norm)
 
 
 def fgsm(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
-         key: jax.Array, eps: float = 8 / 255) -> jax.Array:
+         key: jax.Array, eps: float = 8 / 255, norm: str = "linf") -> jax.Array:
     """One signed-gradient step of size eps from the clean image (no random start)."""
+    if check_norm(norm) != "linf":
+        raise ValueError("fgsm is the L-inf attack; use fgm for L2.")
     return pgd(logits_fn, x, y, key, eps, eps, 1, random_start=False)
 
 
 def cw(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, key: jax.Array,
        eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 50,
-       unroll: Optional[bool] = None) -> jax.Array:
+       unroll: Optional[bool] = None, norm: str = "linf") -> jax.Array:
     """PGD on the CW margin loss; examples already misclassified stop moving."""
-    start = uniform_start(key, x, eps)
+    check_norm(norm)
+    start = uniform_start(key, x, eps, norm)
 
     def loss_fn(x_adv, carry):
         margin = cw_margin(logits_fn(x_adv), y)
         still_correct = jax.lax.stop_gradient(margin <= 0)
         return jnp.sum(jnp.where(still_correct, margin, 0.0)), carry
 
-    return pgd_iterate(loss_fn, x, start, None, eps, step_size, steps, unroll)[0]
+    return pgd_iterate(loss_fn, x, start, None, eps, step_size, steps, unroll, norm)[0]
