@@ -37,6 +37,7 @@ def snapshot(directory):
     (["--mode", "eval", "--attack", "pgd0"], "no steps; give N >= 1"),
     (["--mode", "eval", "--batch_size", "0"], "--batch_size=0 must be positive"),
     (["--mode", "analyze", "--checkpoints", "runs/none"], "pass --checkpoints PATH"),
+    (["--mode", "report", "--checkpoints", "runs/none"], "runs/none does not exist"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, args, message):
     workdir = tmp_path / "run"
