@@ -168,7 +168,7 @@ def test_sanity_checks_masked_gradient():
 
 
 def test_unknown_attack_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid: none, fgsm, pgdN"):
+    with pytest.raises(ValueError, match="valid: none, fgsm, fgm, pgdN"):
         attacks.get("pgd")
     with pytest.raises(ValueError, match="no steps; give N >= 1"):
         attacks.get("pgd0")
