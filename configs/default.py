@@ -18,11 +18,16 @@ def get_config():
                                             # --process_id (or $JAX_COORDINATOR_ADDRESS, ...)
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "resnet18"          # resnet18 | wrn-<depth>-<width>
+    config.model.name = "resnet18"          # resnet18 | wrn-<depth>-<width> | your own model,
+                                            # package.module:Factory (README "Your own model")
+    config.model.kwargs = ml_collections.ConfigDict()  # Factory's keyword arguments (own model)
     config.model.fpcm = True                # False: the baseline without FPCM
     config.model.fpcm_variant = "tokens"    # tokens (official) | spatial (2-D radial, ours)
     config.model.cutoff_start = 0.5         # D0 / P at the start of training
     config.model.cutoff_end = 0.125         # D0 / P at the end of training and in evaluation
+    config.model.fpcm_alpha = ml_collections.FieldReference(None, field_type=float)  # None:
+                                            # learned alpha (the paper's FPCM); a constant in
+                                            # [0, 1]: the paper's fixed-alpha ablation
     config.model.fpcm_lowpass = "auto"      # fft | matmul (dense circulant) | auto: same filter,
                                             # auto = matmul for P <= 64 on CPU, else fft
     config.model.dtype = "float32"          # float32 | bfloat16 (mixed precision: float32
@@ -58,6 +63,13 @@ def get_config():
     config.train.loss = "ce"                # ce (PGD-AT) | trades | mart
     config.train.beta = 6.0                 # TRADES / MART weight
     config.train.trades_attack = "ce"       # ce (official) | kl (TRADES paper); TRADES only
+    config.train.trades_l2_attack = "trades"  # the kl attack in L2: trades (the TRADES code:
+                                            # SGD lr 2 eps/steps on the normalised gradient,
+                                            # box then ball; attack.step_size unused) | pgd
+                                            # (normalised steps of attack.step_size, ball then box)
+    config.train.mart_attack_start = "uniform"  # MART's attack start: uniform (the FPCM code's
+                                            # PGD, which the paper's MART rows used) | normal
+                                            # (the MART code: x + 0.001 N(0, 1))
     config.train.eval_every_epochs = 1      # validation clean + PGD accuracy
     config.train.checkpoint_every_steps = 500  # and at every epoch end; 0: epoch ends only
     config.train.final_test_attack_steps = 20  # test-split PGD-N at the end (0: clean only)

@@ -1,3 +1,19 @@
-"""fpcm-jax: frequency-biased adversarial training (FPCM, ICCV 2023) in JAX/Flax."""
+"""fpcm-jax: frequency-biased adversarial training (FPCM, ICCV 2023) in JAX/Flax.
+
+    from fpcm_jax.layers import FPCM                     # the layer, in your own Flax model
+    fpcm_jax.train_and_evaluate(config, workdir, model=MyNet(...))   # train it (fpcm_jax.api)
+    fpcm_jax.evaluate(config, workdir, ["pgd20", "autoattack"])       # evaluate it
+"""
 
 __version__ = "0.3.0"
+
+_ENTRY_POINTS = ("train_and_evaluate", "evaluate")
+
+
+def __getattr__(name):
+    """The entry points of `fpcm_jax.api`, imported on first use (`import fpcm_jax.layers`
+    stays light)."""
+    if name in _ENTRY_POINTS:
+        from fpcm_jax import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'fpcm_jax' has no attribute {name!r}")

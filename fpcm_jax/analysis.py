@@ -26,9 +26,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import traverse_util
 
-from fpcm_jax import data, layers, loading, parallel, plots
+from fpcm_jax import data, layers, loading, models, parallel, plots
 from fpcm_jax.files import write_json
 
 MAX_RADIUS = float(np.sqrt(0.5))  # the corner of the spectrum, in cycles per pixel
@@ -128,7 +129,14 @@ class Analyzer:
         return {stage: np.concatenate(parts) for stage, parts in sorted(collected.items())}
 
     def stage_features(self, x: np.ndarray) -> Dict[str, Dict[str, float]]:
-        """High-frequency share at the end of each stage, before and after its FPCM."""
+        """High-frequency share at the end of each stage, before and after its FPCM (the
+        registry's models, also without FPCM); for any other model, at the input and output
+        of each FPCM module wherever it sits, named by its path."""
+        if not isinstance(self.model, models.CifarClassifier):
+            return {name: {"before": high_frequency_share(before),
+                           "after": high_frequency_share(after)}
+                    for name, (before, after) in fpcm_inputs_and_outputs(
+                        self.model, self.variables, jnp.asarray(x)).items()}
         _, state = self.model.apply(self.variables, jnp.asarray(x), train=False, progress=1.0,
                                     capture_intermediates=True, mutable=["intermediates"])
         outputs = {path[0]: value[0] for path, value in
@@ -172,6 +180,22 @@ class Analyzer:
                 basis = fourier_basis(height, width, u, w) / np.sqrt(x.shape[3])
                 heat[u, w] = float(errors(self.variables, jnp.asarray(basis)))
         return np.fft.fftshift(heat)
+
+
+def fpcm_inputs_and_outputs(model, variables, x: jax.Array) -> Dict[str, Tuple[Any, Any]]:
+    """{module path: (input, output)} of every FPCM (Linen) module in one eval-mode forward,
+    found by what it is, wherever it sits in the model."""
+    seen: Dict[str, Tuple[Any, Any]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        output = next_fun(*args, **kwargs)
+        if isinstance(context.module, layers.FPCM) and context.method_name == "__call__":
+            seen["/".join(context.module.path) or "fpcm"] = (args[0], output)
+        return output
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, x, train=False, progress=1.0)
+    return seen
 
 
 def _stage_ends(outputs: Dict[str, Any]) -> Dict[str, Dict[str, str]]:

@@ -27,7 +27,7 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     _check_counts(config)
     _check_ranges(config)
     _check_extra_data(config.data, config.train.batch_size)
-    experiment.check_options(experiment.describe(config))
+    experiment.check_options(experiment.describe(config), config.model.dtype)
     parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
 
@@ -37,6 +37,10 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
                ("train.schedule", config.train.schedule, train_step.SCHEDULES),
                ("train.schedule_per", config.train.schedule_per, ("epoch", "step")),
                ("train.trades_attack", config.train.trades_attack, ("ce", "kl")),
+               ("train.trades_l2_attack", config.train.trades_l2_attack,
+                train_step.TRADES_L2_ATTACKS),
+               ("train.mart_attack_start", config.train.mart_attack_start,
+                train_step.MART_ATTACK_STARTS),
                ("attack.bn_mode", config.attack.bn_mode, train_step.BN_MODES),
                ("attack.norm", config.attack.norm, attacks.NORMS),
                ("train.ema_batch_stats", config.train.ema_batch_stats, ("copy", "average")),
@@ -69,6 +73,7 @@ def _check_counts(config: ml_collections.ConfigDict) -> None:
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
     check_threat_model(config.attack.norm, config.attack.eps, config.attack.step_size,
                        config.data.name, CONFIG_FLAGS)
+    check_radius_fits_norm(config.attack.norm, config.attack.eps, config.attack.step_size)
     if not config.train.lr > 0:
         raise ValueError(f"--config.train.lr={config.train.lr!r} must be positive.")
     for name, value, low, high in [("train.momentum", config.train.momentum, 0, 1),
@@ -131,6 +136,24 @@ def check_threat_model(norm: str, eps: Optional[float], step_size: Optional[floa
                              f"{bound:.5g}; {usual}).")
 
 
+def check_radius_fits_norm(norm: str, eps: float, step_size: float,
+                           flags=CONFIG_FLAGS) -> None:
+    """Refuse an eps or step that is another norm's usual value, e.g. --config.attack.norm=l2
+    left with L-inf's 8/255 (an L2 ball of radius 0.03 on 32x32x3 images is meaningless)."""
+    for other in attacks.NORMS:
+        if other == norm:
+            continue
+        for flag, value, usual in ((flags[1], eps, attacks.DEFAULT_EPS[other]),
+                                   (flags[2], step_size, attacks.DEFAULT_STEP_SIZE[other])):
+            if value is not None and math.isclose(value, usual, rel_tol=1e-9):
+                raise ValueError(
+                    f"{flags[0]}={norm} with {flag}={value:.6g}, the usual {other} value: "
+                    f"give the {norm} radius and step too, e.g. {flags[1]}="
+                    f"{attacks.DEFAULT_EPS[norm]:.6g} {flags[2]}="
+                    f"{attacks.DEFAULT_STEP_SIZE[norm]:.6g} (as configs/cifar10_resnet18_l2.py"
+                    f" does for l2).")
+
+
 def attack_names(text: str, norm: str = "linf") -> List[str]:
     """'pgd20,autoattack' -> ['pgd20', 'autoattack']; an unknown name, or one not defined in
     the threat model `norm`, is a clear error."""
@@ -149,8 +172,15 @@ def check_evaluation(config: ml_collections.ConfigDict, attack: str,
                      eps: Optional[float] = None, step_size: Optional[float] = None,
                      norm: Optional[str] = None) -> List[str]:
     """The options of --mode eval; returns the attack names."""
+    given = (norm, eps, step_size)
     norm = config.attack.norm if norm is None else norm
     check_threat_model(norm, eps, step_size, config.data.name)
+    if norm == config.attack.norm:  # eps and step default to the config's
+        flags = tuple(flag if value is not None else config_flag
+                      for flag, config_flag, value in zip(EVAL_FLAGS, CONFIG_FLAGS, given))
+        check_radius_fits_norm(norm, config.attack.eps if eps is None else eps,
+                               config.attack.step_size if step_size is None else step_size,
+                               flags)
     names = attack_names(attack, norm)
     for name, value in (("--num_examples", num_examples), ("--batch_size", batch_size)):
         if value is not None and value <= 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -36,7 +36,9 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
                    autoattack_options: Optional[Dict[str, int]] = None,
                    step_size: Optional[float] = None,
                    model_overrides: Optional[Dict[str, Any]] = None,
-                   allow_fallback: bool = False, norm: Optional[str] = None) -> Dict[str, Any]:
+                   allow_fallback: bool = False, norm: Optional[str] = None,
+                   given: Optional[Tuple[Any, Dict[str, Any], Dict[str, Any]]] = None
+                   ) -> Dict[str, Any]:
     """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report.
 
     The options are those `config_checks.check_evaluation` accepts. The model comes from the
@@ -46,14 +48,18 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
     defaults to config.attack.norm; eps and step_size to config.attack's in that norm, else to
     the norm's usual ones (`attacks.DEFAULT_EPS`, `attacks.DEFAULT_STEP_SIZE`).
     autoattack_options (n_iter, n_queries, n_target_classes) depart from the published parameters: for quick checks only; the report
-    records them.
+    records them. given: (model, variables, description) to evaluate instead of a checkpoint
+    (the Python entry point `fpcm_jax.evaluate`).
     """
     settings = {**threat_model(config, norm, eps, step_size),
                 "batch_size": batch_size or config.eval.batch_size,
                 "autoattack": dict(autoattack_options or {})}
     mesh = parallel.make_mesh()
-    model, variables, info, path = _load_for_dataset(config, checkpoint_path or workdir, mesh,
-                                                     model_overrides, allow_fallback)
+    if given is not None:
+        model, variables, info, path = _given_model(config, *given, mesh)
+    else:
+        model, variables, info, path = _load_for_dataset(config, checkpoint_path or workdir,
+                                                         mesh, model_overrides, allow_fallback)
     subset = _subset(config, split, num_examples)
     report = {"model": {**experiment.complete(info), "dtype": config.model.dtype},
               "checkpoint": path, "checkpoint_info": info, "dataset": config.data.name,
@@ -113,6 +119,23 @@ def _load_for_dataset(config, path: str, mesh, model_overrides, allow_fallback: 
     return model, variables, info, path
 
 
+def _given_model(config, model, variables, description: Dict[str, Any], mesh):
+    """(model, variables on the mesh, its description, '(given)') for a model given in Python;
+    its logits must fit the config's dataset."""
+    spec = data.get_spec(config.data.name)
+    sharding = parallel.replicated(mesh)
+    variables = jax.tree.map(lambda leaf: parallel.global_array(np.asarray(leaf), sharding),
+                             dict(variables))
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, progress=1.0),
+                            variables, jax.ShapeDtypeStruct((1, spec.image_size,
+                                                             spec.image_size, 3), np.float32))
+    if tuple(logits.shape) != (1, spec.num_classes):
+        raise ValueError(f"The model given returns logits of shape {tuple(logits.shape)} for "
+                         f"one image; {config.data.name} has {spec.num_classes} classes.")
+    info = {**description, "num_classes": spec.num_classes, "dataset": config.data.name}
+    return model, variables, info, "(given in Python)"
+
+
 def _subset(config, split: str, num_examples: Optional[int]) -> data.Split:
     """The first `num_examples` (default all) of a split of the config's dataset."""
     train_split, val_split, test_split = data.load_for(config)
@@ -138,20 +161,16 @@ def _run_attack(name: str, model, variables, subset: data.Split, key, settings, 
     check_perturbation(name, settings, result["max_perturbation"], result["max_outside_box"])
     return {"clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"],
             "max_perturbation": result["max_perturbation"],
+            "verified": {"robust": "correct clean and at the returned example (classified "
+                                   "again in the same step)", "inside_ball_and_box": True},
             "parameters": {**options, "random_start": attacks.takes_step_size(name)}}
-
-
-# Rounding slack of float32 images: x + delta - x differs from delta by up to ~1e-7 per pixel,
-# and a projected L2 perturbation's norm from eps by a few ulps.
-PERTURBATION_TOLERANCE = (1e-5, 1e-6)  # relative to eps, absolute
 
 
 def check_perturbation(name: str, settings: Dict[str, Any], largest: float,
                        outside_box: float) -> None:
     """A PerturbationError if an attack's examples left the eps-ball or [0, 1]."""
-    relative, absolute = PERTURBATION_TOLERANCE
     eps, norm = settings["eps"], settings["norm"]
-    if largest > eps * (1 + relative) + absolute:
+    if largest > attacks.ball_limit(eps):
         raise PerturbationError(
             f"{name} produced an adversarial example outside the {norm} ball (norm {largest:.6g} "
             f"> eps {eps:.6g}): its robust accuracy would be wrong; this is a bug in the attack, "
@@ -196,6 +215,9 @@ def _run_autoattack(name: str, model, variables, subset: data.Split, key, settin
             "accuracy_after": result["accuracy_after"],
             "max_perturbation": result["max_perturbation"],
             "seconds_per_component": {k: round(v, 1) for k, v in result["seconds"].items()},
+            "verified": {"robust": "correct clean and at the returned example (every x_adv "
+                                   "classified again after each component and at the end)",
+                         **result["consistency"]},
             "parameters": _autoattack_parameters(eps, norm, changed)}
 
 
@@ -253,7 +275,8 @@ def _autoattack_parameters(eps: float, norm: str, changed: Dict[str, int]) -> Di
 
 
 def _print_table(report: Dict[str, Any]) -> None:
-    print(f"\n{report['model']['name']} (FPCM {report['model']['fpcm']}) on "
+    fpcm = report["model"].get("fpcm")
+    print(f"\n{report['model']['name']}{'' if fpcm is None else f' (FPCM {fpcm})'} on "
           f"{report['dataset']} {report['split']}, {report['examples']} images, "
           f"{report['norm']} eps {report['eps']:.5f}")
     print(f"{'attack':<12} {'clean':>8} {'robust':>8} {'max pert.':>10} {'seconds':>9} "

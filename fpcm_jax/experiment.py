@@ -16,9 +16,15 @@ from typing import Any, Dict, Tuple
 from flax import linen as nn
 
 from fpcm_jax import data, models
+from fpcm_jax.models import imported
 
 HOW_COMPUTED = ("dtype", "fpcm_lowpass")
 RESNET_ONLY = ("widths", "stage_sizes")
+# The registry models' fields and their defaults (configs/default.py): a model given by import
+# path takes its options from config.model.kwargs, so these must stay as they are.
+REGISTRY_FIELDS = {"fpcm": True, "fpcm_variant": "tokens", "cutoff_start": 0.5,
+                   "cutoff_end": 0.125, "fpcm_alpha": None, "activation": "relu",
+                   "normalization": "none", "widths": None, "stage_sizes": None}
 
 
 def official_model_section(name: str) -> Dict[str, Any]:
@@ -29,7 +35,7 @@ def official_model_section(name: str) -> Dict[str, Any]:
     return {"name": name, "fpcm": True, "fpcm_variant": "tokens",
             "cutoff_start": 0.125 if is_wrn else 0.5, "cutoff_end": 0.125,
             "normalization": "cifar10" if is_wrn else "none", "widths": None,
-            "stage_sizes": None, "activation": "relu"}
+            "stage_sizes": None, "activation": "relu", "fpcm_alpha": None}
 
 
 def official_description(name: str, num_classes: int, fpcm: bool = True,
@@ -43,6 +49,13 @@ def official_description(name: str, num_classes: int, fpcm: bool = True,
 def describe(config) -> Dict[str, Any]:
     """The description of the model that `config` trains (what `run.json` holds)."""
     description = json.loads(config.model.to_json())
+    kwargs = description.pop("kwargs", None) or {}
+    if imported.is_import_path(config.model.name):
+        return describe_imported(description, kwargs, config.data.name)
+    if kwargs:
+        raise ValueError(f"--config.model.kwargs ({sorted(kwargs)}) applies to a model given "
+                         f"by import path (package.module:Factory); {config.model.name} takes "
+                         f"its options from config.model's own fields.")
     for how_computed in HOW_COMPUTED:
         description.pop(how_computed, None)
     for field in RESNET_ONLY:  # `--config.model.widths=()` unsets (a flag cannot give None)
@@ -53,14 +66,45 @@ def describe(config) -> Dict[str, Any]:
     return description
 
 
+def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
+                      dataset: str) -> Dict[str, Any]:
+    """A model given by import path: the path, the keyword arguments its factory is called
+    with, the dataset and where its code came from (`imported.code_fingerprint`)."""
+    name = model_fields["name"]
+    changed = [f"{field}={model_fields.get(field)!r}" for field, default in
+               REGISTRY_FIELDS.items() if normalized_field(model_fields.get(field)) != default]
+    if changed:
+        raise ValueError(f"--config.model.{changed[0]} applies to the registry's models; "
+                         f"{name} takes its options from config.model.kwargs (reset the "
+                         f"field, e.g. in your config file).")
+    num_classes = data.get_spec(dataset).num_classes
+    kwargs = imported.plain_kwargs(kwargs, "config.model.kwargs")
+    factory = imported.resolve(name)
+    return {"name": name, "kwargs": imported.call_kwargs(factory, kwargs, num_classes),
+            "num_classes": num_classes, "dataset": dataset,
+            "code": imported.code_fingerprint(name)}
+
+
+def normalized_field(value: Any) -> Any:
+    """Sequences as tuples; an empty one is None (`--config.model.widths=()` unsets)."""
+    return (tuple(value) or None) if isinstance(value, (list, tuple)) else value
+
+
 def complete(description: Dict[str, Any]) -> Dict[str, Any]:
     """A description with every model field: those missing (checkpoints written by older
-    versions of `fpcm_jax.convert`) take the official model's values."""
+    versions of `fpcm_jax.convert`) take the official model's values. A model given by import
+    path is described whole already."""
+    if imported.is_import_path(description["name"]):
+        return dict(description)
     return {**official_model_section(description["name"]), **description}
 
 
-def check_options(description: Dict[str, Any]) -> None:
-    """Clear errors for model options that the named model cannot take."""
+def check_options(description: Dict[str, Any], dtype: str = "float32") -> None:
+    """Clear errors for model options that the named model cannot take (for a model given by
+    import path: its factory and call protocol, computing in `dtype`)."""
+    if imported.is_import_path(description["name"]):
+        _imported_model(description, dtype)
+        return
     name = str(description["name"]).lower()
     if name not in ("resnet18", "resnet-18") and not models.is_wide_resnet_name(name):
         raise ValueError(f"--config.model.name={description['name']!r} is not a model; valid "
@@ -77,6 +121,10 @@ def check_options(description: Dict[str, Any]) -> None:
         if value is not None and (len(value) != 4 or min(value) < 1):
             raise ValueError(f"--config.model.{field}={tuple(value)} must be four positive "
                              f"integers, one per stage.")
+    alpha = description.get("fpcm_alpha")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise ValueError(f"--config.model.fpcm_alpha={alpha!r} must lie in [0, 1] (the weight "
+                         f"of FPCM's low-pass part), or be unset for the learned alpha.")
     for field in ("cutoff_start", "cutoff_end"):
         value = description.get(field)
         if not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -92,8 +140,12 @@ def check_options(description: Dict[str, Any]) -> None:
 
 def model_from_description(description: Dict[str, Any], dtype: str = "float32",
                            fpcm_lowpass: str = "auto") -> nn.Module:
-    """The Flax model a description names, computing in `dtype` with the given FPCM filter."""
+    """The Flax model a description names, computing in `dtype` with the given FPCM filter
+    (registry models; one given by import path is built by its factory and its call protocol
+    checked: `models.imported`)."""
     description = complete(description)
+    if imported.is_import_path(description["name"]):
+        return _imported_model(description, dtype)
     check_options(description)
     spec = data.get_spec(description["dataset"]) if description.get("dataset") else None
     if description["normalization"] == "dataset" and spec is None:
@@ -105,8 +157,31 @@ def model_from_description(description: Dict[str, Any], dtype: str = "float32",
                          fpcm=description["fpcm"], fpcm_variant=description["fpcm_variant"],
                          cutoff_start=description["cutoff_start"],
                          cutoff_end=description["cutoff_end"], fpcm_lowpass=fpcm_lowpass,
+                         fpcm_alpha=description["fpcm_alpha"],
                          activation=description["activation"],
                          dtype=models.compute_dtype(dtype), mean=mean, std=std, **extra)
+
+
+def _imported_model(description: Dict[str, Any], dtype: str) -> nn.Module:
+    name, recorded = description["name"], description.get("code") or {}
+    try:
+        model = imported.build(name, description.get("kwargs") or {},
+                               models.compute_dtype(dtype))
+    except imported.ModelProtocolError as error:
+        where = (f" (the run recorded its code in {recorded.get('file')}, sha256 "
+                 f"{str(recorded.get('sha256'))[:12]}...)" if recorded.get("file") else "")
+        raise imported.ModelProtocolError(f"{error}{where}") from None
+    dataset = description.get("dataset")
+    image_size = data.get_spec(dataset).image_size if dataset else 32
+    imported.check_protocol(model, name, description["num_classes"], image_size)
+    return model
+
+
+def code_warning(description: Dict[str, Any]) -> str:
+    """'' or a sentence saying that an imported model's code changed since it was recorded."""
+    if not imported.is_import_path(description.get("name", "")) or not description.get("code"):
+        return ""
+    return imported.code_changes(description["code"], description["name"]) or ""
 
 
 def build(config) -> Tuple[nn.Module, data.DatasetSpec]:

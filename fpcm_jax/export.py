@@ -17,7 +17,8 @@ from typing import Any, Dict
 import jax
 import numpy as np
 
-from fpcm_jax import convert, loading, parallel, torch_zip
+from fpcm_jax import checkpoint, convert, loading, models, parallel, torch_zip
+from fpcm_jax.models import imported
 from fpcm_jax.files import write_json, written_whole
 
 
@@ -27,7 +28,10 @@ def export(checkpoint_path: str, out: str) -> Dict[str, Any]:
         raise ValueError(f"--out {out!r} must end in .pt, .pth or .npz.")
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; choose another --out or delete it first.")
+    first = loading.model_checkpoints(checkpoint_path)[0]
+    _check_exportable(checkpoint.read_model_info(first), first)  # before loading anything
     model, variables, info, directory = loading.load_model(checkpoint_path)
+    _check_exportable(info, directory)
     state = convert.to_official(jax.device_get(variables))
     if parallel.is_main_process():
         os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
@@ -38,3 +42,15 @@ def export(checkpoint_path: str, out: str) -> Dict[str, Any]:
             else:
                 torch_zip.save(handle, state)
     return info
+
+
+def _check_exportable(info: Dict[str, Any], directory: str) -> None:
+    """Only the registry's models with a learned alpha have an official PyTorch class."""
+    if imported.is_import_path(info["name"]):
+        raise ValueError(f"{directory} holds {info['name']}, your own model: --mode export "
+                         f"writes the official PyTorch classes' state_dict, which exists for "
+                         f"the registry's models only ({', '.join(models.MODEL_NAMES)}).")
+    if info.get("fpcm_alpha") is not None:
+        raise ValueError(f"{directory} holds a model with FPCM's alpha fixed at "
+                         f"{info['fpcm_alpha']}: the official PyTorch classes always learn "
+                         f"alpha, so it has no official state_dict to export.")

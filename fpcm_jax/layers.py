@@ -24,7 +24,7 @@ uses start 1/2, end 1/8 with progress = epoch / 120; the official WRN a fixed 1/
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -193,8 +193,11 @@ def check_feature_map(x: jax.Array, name: str = "FPCM") -> None:
 
 
 def check_options(variant: str, weight_generator: str, start: float, end: float,
-                  lowpass_impl: str = "auto") -> None:
+                  lowpass_impl: str = "auto", fixed_alpha: Optional[float] = None) -> None:
     """Raise a clear error for an invalid FPCM option."""
+    if fixed_alpha is not None and not 0.0 <= fixed_alpha <= 1.0:
+        raise ValueError(f"FPCM fixed_alpha={fixed_alpha} must lie in [0, 1] (the weight of "
+                         f"the low-pass part; None: learned, in (0.5, 1)).")
     if variant not in FILTER_VARIANTS:
         raise ValueError(f"Unknown FPCM filter variant {variant!r}; use one of {FILTER_VARIANTS}.")
     if weight_generator not in WEIGHT_GENERATORS:
@@ -228,6 +231,9 @@ class FPCM(nn.Module):
       cutoff_start, cutoff_end: cutoff D0 as a fraction of P at progress 0 and at progress 1.
       lowpass_impl: how the token filter is computed: 'fft', 'matmul' (dense circulant) or
         'auto' (the faster one measured for the size and backend); the same L either way.
+      fixed_alpha: None (default: alpha learned per sample and channel, as the paper) or a
+        constant alpha in [0, 1] for every sample and channel (the paper's fixed-alpha
+        ablation; no projection parameters then): y = alpha L + (1 - alpha)(x - L).
 
     Call with `progress` in [0, 1] (training progress; 1.0 = the final cutoff used for
     evaluation). It is traced, so a new value does not recompile. The per-sample alpha is
@@ -239,18 +245,21 @@ class FPCM(nn.Module):
     cutoff_start: float = 0.5
     cutoff_end: float = 0.125
     lowpass_impl: str = "auto"
+    fixed_alpha: Optional[float] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, progress: Any = 1.0) -> jax.Array:
         check_feature_map(x)
         check_options(self.variant, self.weight_generator, self.cutoff_start, self.cutoff_end,
-                      self.lowpass_impl)
+                      self.lowpass_impl, self.fixed_alpha)
         channels = x.shape[-1]
         fraction = cutoff_fraction(progress, self.cutoff_start, self.cutoff_end)
         low = lowpass(x, fraction, self.variant, self.lowpass_impl)
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        projected = self._project(pooled, channels)
-        alpha = frequency_alpha(projected)
+        if self.fixed_alpha is not None:
+            alpha = jnp.full((x.shape[0], channels), self.fixed_alpha, jnp.float32)
+        else:
+            pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            alpha = frequency_alpha(self._project(pooled, channels))
         self.sow("intermediates", "alpha", alpha)
         return mix_frequencies(x, low, alpha)
 
@@ -282,15 +291,19 @@ class NNXFPCM(nnx.Module):
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, weight_generator: str = "depthwise",
                  variant: str = "tokens", cutoff_start: float = 0.5, cutoff_end: float = 0.125,
-                 lowpass_impl: str = "auto"):
-        check_options(variant, weight_generator, cutoff_start, cutoff_end, lowpass_impl)
+                 lowpass_impl: str = "auto", fixed_alpha: Optional[float] = None):
+        check_options(variant, weight_generator, cutoff_start, cutoff_end, lowpass_impl,
+                      fixed_alpha)
         self.channels = channels
         self.weight_generator = weight_generator
         self.variant = variant
         self.cutoff_start = cutoff_start
         self.cutoff_end = cutoff_end
         self.lowpass_impl = lowpass_impl
-        if weight_generator == "dense":
+        self.fixed_alpha = fixed_alpha
+        if fixed_alpha is not None:
+            pass  # no projection: alpha is the constant
+        elif weight_generator == "dense":
             init = torch_uniform_init(channels)
             self.projection = nnx.Linear(channels, channels, kernel_init=init, bias_init=init,
                                          rngs=rngs)
@@ -307,15 +320,23 @@ class NNXFPCM(nnx.Module):
         fraction = cutoff_fraction(progress, self.cutoff_start, self.cutoff_end)
         low = lowpass(x, fraction, self.variant, self.lowpass_impl)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.weight_generator == "dense":
-            projected = self.projection(pooled)
+        if self.fixed_alpha is not None:
+            alpha = jnp.full(pooled.shape, self.fixed_alpha, jnp.float32)
+        elif self.weight_generator == "dense":
+            alpha = frequency_alpha(self.projection(pooled))
         else:
-            projected = pooled * self.kernel[...] + self.bias[...]
-        return mix_frequencies(x, low, frequency_alpha(projected))
+            alpha = frequency_alpha(pooled * self.kernel[...] + self.bias[...])
+        # The latest call's alpha only (NNX's default appends every call's, without bound).
+        self.sow(nnx.Intermediate, "alpha", alpha, reduce_fn=lambda _, new: new,
+                 init_fn=lambda: None)
+        return mix_frequencies(x, low, alpha)
 
 
 def alphas_in(state: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Each FPCM module's alpha, (batch, channels), from a model's mutable 'intermediates'."""
-    return {path[0]: np.asarray(value[0]) for path, value in
+    """Each FPCM module's alpha, (batch, channels), from a model's mutable 'intermediates',
+    named by the module's path in the model ('attn1', 'stage2/FPCM_0'; 'fpcm' for a bare
+    module), wherever it sits."""
+    return {"/".join(path[:-1]) or "fpcm":  # Linen sows a tuple of values, NNX the latest
+            np.asarray(value[0] if isinstance(value, tuple) else value) for path, value in
             traverse_util.flatten_dict(state.get("intermediates", {})).items()
             if path[-1] == "alpha"}

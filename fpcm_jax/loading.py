@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from fpcm_jax import checkpoint, convert, experiment, models, parallel, run_dir
+from fpcm_jax.models import imported
 from fpcm_jax.quiet_reads import first_line
 
 INFO = checkpoint.MODEL_INFO_FILE
@@ -83,6 +84,10 @@ def load_model(path: str, mesh=None, overrides: Optional[Dict[str, Any]] = None,
 def _load_official_file(path: str, mesh, description: Dict[str, Any], dtype: str,
                         fpcm_lowpass: str) -> Tuple[Any, Dict[str, Any], Dict[str, Any], str]:
     path = os.path.abspath(path)
+    if imported.is_import_path(description["name"]):
+        raise ValueError(f"{path} is an official PyTorch checkpoint, which holds one of the "
+                         f"official models ({', '.join(models.MODEL_NAMES)}), not "
+                         f"{description['name']}: evaluate it with a registry model name.")
     if not path.endswith(convert.OFFICIAL_FILE_SUFFIXES):
         raise ValueError(f"{path} is a file but not an official checkpoint (.pt, .pth, .npz); "
                          f"pass a checkpoint directory or a run directory.")
@@ -121,17 +126,18 @@ def _load_model_from(directory: str, mesh, overrides: Optional[Dict[str, Any]], 
         if field in experiment.HOW_COMPUTED or field not in description:
             continue
         stored = description[field]
-        if _normalized(value) != _normalized(stored):
+        if experiment.normalized_field(value) != experiment.normalized_field(stored):
             raise ValueError(f"--config.model.{field}={value!r} contradicts the checkpoint's "
                              f"{INFO} ({field}={stored!r} in {directory}): the model "
                              f"is built from the checkpoint. Drop the flag, or choose another "
                              f"--checkpoint.")
     model = experiment.model_from_description(description, dtype, fpcm_lowpass)
+    warning = experiment.code_warning(description)
+    if warning and parallel.is_main_process():
+        print(f"warning: {warning}", file=sys.stderr)
     variables = checkpoint.restore_variables(directory, info, models.variables_template(model),
                                              mesh)
     return model, variables, info, directory
 
 
-def _normalized(value: Any) -> Any:
-    """Sequences as tuples; an empty one is None (`--config.model.widths=()` unsets)."""
-    return (tuple(value) or None) if isinstance(value, (list, tuple)) else value
+

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -69,8 +70,13 @@ class RunDirectory:
         if os.path.exists(path):
             with open(path) as handle:
                 previous = experiment.complete(json.load(handle))  # fields added since: defaults
+            warning = experiment.code_warning(previous)
+            if warning and jax.process_index() == 0:
+                print(f"warning: resuming, but {warning}", file=sys.stderr)
+            # An imported model's code fingerprint is compared above, not refused: an edit
+            # that keeps the function (a comment) must not make a run impossible to resume.
             changed = sorted(k for k in set(previous) | set(description)
-                             if previous.get(k) != description.get(k))
+                             if k != "code" and previous.get(k) != description.get(k))
             if changed:
                 detail = "; ".join(f"{k}: {previous.get(k)!r} there, {description.get(k)!r} now"
                                    for k in changed)

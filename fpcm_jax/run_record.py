@@ -45,8 +45,6 @@ HOW_RUN = {
                                      "best-model selection never read it",
     "logging": "what is logged (TensorBoard, alpha histograms, curves.png)",
     "analysis": "read by --mode analyze only, never by training",
-    "eval.batch_size": "how many images a validation batch holds (the PGD random starts are "
-                       "drawn per batch, so only they change)",
     "attack.loop": "unrolled or lax.fori_loop: the same attack steps",
     "model.fpcm_lowpass": "fft or matmul: the same filter",
     "data.data_dir": "where the dataset is read from; the images are the same",
@@ -56,6 +54,9 @@ HOW_RUN = {
     "data.prepare": "tfds preparation instead of the archive: the same images",
     "multihost": "how the processes find each other; the devices are in environment.json",
 }
+# Not here, though they look like "how": eval.batch_size (validation's PGD random starts are
+# drawn per batch, so it changes the validation figures and with them the best models) and
+# eval.attack_steps, eval.use_ema (what validation measures).
 REASONS = {  # why a changed experiment field cannot resume, where more than "another run"
     "train.epochs": "the learning-rate schedule and the FPCM cutoff curriculum are functions of "
                     "train.epochs, so a run cannot be extended: train a new run",
@@ -276,15 +277,22 @@ def settings_lines(config: ml_collections.ConfigDict) -> List[str]:
     """The settings that define the run, in a few lines for the start of the output."""
     model, train, attack, data = config.model, config.train, config.attack, config.data
     shape = ", ".join(f"{k} {tuple(model[k])}" for k in ("widths", "stage_sizes") if model[k])
-    fpcm = (f"FPCM {model.fpcm_variant}, cutoff {model.cutoff_start} -> {model.cutoff_end}"
+    alpha = model.get("fpcm_alpha")
+    fpcm = (f"FPCM {model.fpcm_variant}, cutoff {model.cutoff_start} -> {model.cutoff_end}, "
+            f"alpha {'learned' if alpha is None else f'fixed at {alpha:g}'}"
             if model.fpcm else "no FPCM (baseline)")
-    lines = [f"model: {model.name}{f' ({shape})' if shape else ''}, {fpcm}, "
-             f"{model.activation}, {model.dtype}, normalization {model.normalization}",
+    model_line = (f"model: {model.name}{f' ({shape})' if shape else ''}, {fpcm}, "
+                  f"{model.activation}, {model.dtype}, normalization {model.normalization}")
+    if ":" in model.name:  # your own model (models.imported)
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in model.get("kwargs", {}).items())
+        model_line = f"model: {model.name}({kwargs}), your own, {model.dtype}"
+    lines = [model_line,
              f"data: {data.name}, validation {data.validation_size}, flip {data.flip}, crop "
              f"padding {data.crop_padding}; extra data: " +
              (f"{data.extra_path} ({data.extra_fraction:g} of each batch)" if data.extra_path
               else "none"),
-             f"loss: {_loss_text(train)}; attack: {_attack_text(attack)}",
+             f"loss: {_loss_text(train, attack.get('norm', 'linf'))}; attack: "
+             f"{_attack_text(attack)}",
              f"optimizer: SGD lr {train.lr:g}, momentum {train.momentum:g}"
              f"{' (Nesterov)' if train.nesterov else ''}, weight decay {train.weight_decay:g}, "
              f"{train.schedule} schedule per {train.schedule_per}, warm-up "
@@ -300,11 +308,19 @@ def settings_lines(config: ml_collections.ConfigDict) -> List[str]:
     return lines
 
 
-def _loss_text(train) -> str:
+def _loss_text(train, norm: str) -> str:
     smoothing = f", label smoothing {train.label_smoothing:g}" if train.label_smoothing else ""
     if train.loss == "ce":
         return f"ce (PGD-AT){smoothing}"
-    extra = f", attack on {train.trades_attack}" if train.loss == "trades" else ""
+    extra = ""
+    if train.loss == "trades":
+        extra = f", attack on {train.trades_attack}"
+        if train.trades_attack == "kl" and norm == "l2":
+            extra += (" (the TRADES code's L2 loop: lr 2 eps / steps, box then ball)"
+                      if train.get("trades_l2_attack", "trades") == "trades"
+                      else " (normalised PGD steps, ball then box)")
+    elif train.loss == "mart" and train.get("mart_attack_start") == "normal":
+        extra = ", attack start x + 0.001 N(0, 1) (the MART code)"
     return f"{train.loss}, beta {train.beta:g}{extra}{smoothing}"
 
 

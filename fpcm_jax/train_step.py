@@ -25,9 +25,11 @@ import optax
 from flax import linen as nn
 
 from fpcm_jax import data, losses, models, parallel
-from fpcm_jax.attacks.pgd import pgd_iterate, uniform_start
+from fpcm_jax.attacks.pgd import pgd_iterate, trades_l2_iterate, uniform_start
 
 BN_MODES = ("train", "batch_stats_frozen", "eval")
+TRADES_L2_ATTACKS = ("trades", "pgd")  # the TRADES code's L2 loop | normalised PGD steps
+MART_ATTACK_STARTS = ("uniform", "normal")  # the FPCM code's PGD start | the MART code's
 ATTACK_LOOPS = {"auto": None, "unrolled": True, "fori": False}  # None: pgd.default_unroll
 SCHEDULES = ("multistep", "cosine")
 
@@ -152,18 +154,27 @@ def _forward(model: nn.Module) -> Callable:
             return model.apply(variables, x, train=False, progress=progress), stats
         logits, updates = model.apply(variables, x, train=True, progress=progress,
                                       mutable=["batch_stats"])
-        return logits, updates["batch_stats"]
+        return logits, updates.get("batch_stats", stats)  # a model may have no BatchNorm
 
     return forward
+
+
+def small_normal_start(key: jax.Array, x: jax.Array) -> jax.Array:
+    """x + 0.001 N(0, 1) per pixel, not clipped: the start of the TRADES and MART codes."""
+    return x + 0.001 * jax.random.normal(key, x.shape)
 
 
 def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Callable:
     """attack(params, stats, x, y, clean_logits, progress, key) -> (adversarial examples, the
     running statistics after the attack's forwards): PGD on the cross-entropy, or for TRADES
-    with trades_attack='kl' on the KL divergence from the clean prediction."""
+    with trades_attack='kl' on the KL divergence from the clean prediction (in L2 with
+    trades_l2_attack='trades', the TRADES code's own loop, `trades_l2_iterate`)."""
     train_cfg, attack_cfg = config.train, config.attack
     mode = attack_cfg.bn_mode
     kl_attack = train_cfg.loss == "trades" and train_cfg.trades_attack == "kl"
+    trades_l2 = (kl_attack and attack_cfg.norm == "l2" and
+                 train_cfg.get("trades_l2_attack", "trades") == "trades")
+    normal_start = train_cfg.loss == "mart" and train_cfg.get("mart_attack_start") == "normal"
 
     def attack(params, stats, x, y, clean_logits, progress, key):
         if attack_cfg.steps == 0:
@@ -177,14 +188,20 @@ def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Ca
             target_logits = clean_logits if mode != "eval" else forward(
                 params, stats, x, progress, False)[0]
             target = jax.nn.softmax(target_logits)
-            start = x + 0.001 * jax.random.normal(key, x.shape)  # as the TRADES code
+            start = small_normal_start(key, x)  # as the TRADES code
 
             def loss_fn(x_adv, stats_in):
                 logits, new_stats = logits_and_stats(x_adv, stats_in)
                 kl = losses.kl_per_example(target, jax.nn.log_softmax(logits)).sum()
                 return kl, new_stats
+
+            if trades_l2:
+                return trades_l2_iterate(loss_fn, x, start, stats, attack_cfg.eps,
+                                         attack_cfg.steps, jax.random.fold_in(key, 1),
+                                         unroll=ATTACK_LOOPS[attack_cfg.loop])
         else:
-            start = uniform_start(key, x, attack_cfg.eps, attack_cfg.norm)
+            start = (small_normal_start(key, x) if normal_start  # as the MART code
+                     else uniform_start(key, x, attack_cfg.eps, attack_cfg.norm))
 
             def loss_fn(x_adv, stats_in):
                 logits, new_stats = logits_and_stats(x_adv, stats_in)
@@ -246,9 +263,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
         # decay sees them), then the perturbation is removed: w + update.
         updates, opt_state = tx.update(grads, state.opt_state, weights)
         params = optax.apply_updates(state.params, updates)
+        clean_correct = jnp.argmax(clean_logits, -1) == y
         metrics = {"loss": loss,
-                   "clean_acc": jnp.mean(jnp.argmax(clean_logits, -1) == y),
-                   "adv_acc": jnp.mean(jnp.argmax(adv_logits, -1) == y),
+                   "clean_acc": jnp.mean(clean_correct),
+                   # robust: correct clean and at the adversarial example (README's rule)
+                   "adv_acc": jnp.mean(clean_correct & (jnp.argmax(adv_logits, -1) == y)),
                    "lr": learning_rate(state.step),
                    "cutoff_progress": jnp.asarray(progress, jnp.float32)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,

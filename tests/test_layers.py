@@ -205,3 +205,34 @@ def test_nnx_module_equals_linen_module(generator):
     linen_out = FPCM(weight_generator=generator).apply(
         {"params": {"projection": projection}}, x, progress=0.6)
     np.testing.assert_allclose(nnx_module(x, progress=0.6), linen_out, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.75, 1.0])
+def test_fixed_alpha_gives_that_mix_of_low_and_high_frequencies(alpha):
+    """On 4x4 maps (P = 16, final cutoff D0 = P/8 = 2): a constant map is pure DC, which the
+    low-pass keeps whole (G[0] = 1), so y = alpha x; a map alternating +1/-1 along raster order
+    sits at frequency P/2, kept by g = G[8] = exp(-8^2 / (2 * 2^2)) = exp(-8), so
+    y = (alpha g + (1 - alpha)(1 - g)) x. Both modules, no projection parameters."""
+    constant = np.ones((2, 4, 4, 3), np.float32)
+    alternating = np.tile(((-1.0) ** np.arange(16)).reshape(1, 4, 4, 1), (2, 1, 1, 3))
+    kept = np.exp(-8.0)
+    expected = {"constant": alpha * constant,
+                "alternating": (alpha * kept + (1 - alpha) * (1 - kept)) * alternating}
+    linen = FPCM(fixed_alpha=alpha)
+    variables = linen.init(jax.random.key(0), constant)
+    assert not jax.tree.leaves(variables.get("params", {}))
+    nnx_module = NNXFPCM(3, rngs=nnx.Rngs(0), fixed_alpha=alpha)
+    assert not jax.tree.leaves(nnx.state(nnx_module, nnx.Param))
+    for name, x in (("constant", constant), ("alternating", alternating)):
+        y, state = linen.apply(variables, jnp.asarray(x, jnp.float32), 1.0,
+                               mutable=["intermediates"])
+        np.testing.assert_allclose(y, expected[name], atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(nnx_module(jnp.asarray(x, jnp.float32), 1.0),
+                                   expected[name], atol=1e-6, err_msg=name)
+        [sown] = layers.alphas_in(state).values()
+        np.testing.assert_array_equal(sown, np.full((2, 3), alpha, np.float32))
+
+
+def test_fixed_alpha_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match="fixed_alpha=1.5 must lie in"):
+        FPCM(fixed_alpha=1.5).init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))

@@ -236,3 +236,49 @@ def test_tensorboard_holds_the_runs_hyperparameters(trained_tiny_run):
     assert values["model.fpcm"].bool_value is True
     assert values["model.widths"].string_value == "(8, 8, 8, 8)"
     assert end.session_end_info.status == 1  # STATUS_SUCCESS: the run finished
+
+
+# Every field a resume may change, written out: an allow-list entry broader than these (a
+# whole section, or a field that changes the experiment) makes the test below fail.
+MAY_CHANGE_ON_RESUME = {
+    "train.checkpoint_every_steps", "train.stop_after_steps", "train.final_test_attack_steps",
+    "logging.tensorboard", "logging.alpha_examples", "logging.curves",
+    "analysis.num_examples", "analysis.bands", "analysis.noise_l2_norm",
+    "analysis.filter_steps", "analysis.heatmap_examples", "analysis.heatmap_l2_norm",
+    "analysis.feature_examples", "attack.loop", "model.fpcm_lowpass", "data.data_dir",
+    "data.download", "data.source_url", "data.source_sha256", "data.prepare", "multihost"}
+
+
+def another_value(value, field_type):
+    """A different value of the field's type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "_changed"
+    if isinstance(value, (tuple, list)):
+        return tuple(value) + (1,)
+    return {float: 0.5, str: "/elsewhere", tuple: (1, 1, 1, 1)}[field_type]
+
+
+def test_every_field_changed_on_resume_is_refused_unless_allow_listed(tmp_path):
+    """Field by field over the whole config: a changed field is refused (the refusal names it)
+    unless it is in MAY_CHANGE_ON_RESUME, which must be exactly the fields accepted."""
+    config = tiny_config()
+    workdir = str(tmp_path)
+    run_record.write(workdir, config, run_record.check_resume(workdir, config))
+    accepted = set()
+    for field, (value, _, field_type) in typed_fields(config).items():
+        changed = config.copy_and_resolve_references()
+        section, _, name = field.rpartition(".")
+        (changed[section] if section else changed)[name] = another_value(value, field_type)
+        try:
+            entry = run_record.check_resume(workdir, changed)
+        except ValueError as error:
+            assert f"{field}: " in str(error), field
+            continue
+        assert field in entry["changed"], field
+        accepted.add(field)
+    assert accepted == MAY_CHANGE_ON_RESUME
+    assert "eval.batch_size" not in accepted  # it changes validation's draws, hence selection

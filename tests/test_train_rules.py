@@ -48,6 +48,10 @@ CASES = {
     "pgd_at_l2": {"attack__norm": "l2", "attack__eps": 0.5, "attack__step_size": 0.1},
     "trades_kl_attack_l2": {"train__loss": "trades", "train__trades_attack": "kl",
                             "attack__norm": "l2", "attack__eps": 0.5, "attack__step_size": 0.1},
+    "trades_kl_attack_l2_pgd": {"train__loss": "trades", "train__trades_attack": "kl",
+                                "train__trades_l2_attack": "pgd", "attack__norm": "l2",
+                                "attack__eps": 0.5, "attack__step_size": 0.1},
+    "mart_normal_start": {"train__loss": "mart", "train__mart_attack_start": "normal"},
 }
 
 
@@ -104,12 +108,21 @@ def training_loss(train_cfg):
     return lambda clean, adv, y: cross_entropy(adv, y)
 
 
-def kl_attack(logits_fn, x, target_logits, key, eps, step_size, steps, norm="linf"):
+def lengths(v):
+    """Per-example L2 norms, shaped to broadcast over NHWC."""
+    return jnp.sqrt(jnp.sum(v ** 2, axis=(1, 2, 3), keepdims=True))
+
+
+def kl_attack(logits_fn, x, target_logits, key, eps, step_size, steps, norm="linf",
+              l2_form="trades"):
     """The TRADES paper's attack (its official code): start at x + 0.001 N(0, 1), steps up
     KL(target || model). L-inf: signed steps, into [x - eps, x + eps] by min/max, then into
-    [0, 1]. L2: steps along the gradient divided by its L2 norm (+1e-10), the perturbation
-    scaled back to norm eps if longer, then into [0, 1]. Returns every iterate, the start
-    first."""
+    [0, 1]. L2, l2_form 'trades' (yaodongyu/TRADES trades.py): delta moves by SGD with lr
+    2 eps / steps along the gradient over its L2 norm, x + delta is clamped to [0, 1], then
+    delta is renormed (torch.renorm: times eps / (norm + 1e-7) when longer than eps).
+    l2_form 'pgd': steps of step_size along the gradient over (its norm + 1e-10), the
+    perturbation scaled back to norm eps if longer, then into [0, 1]. Returns every iterate,
+    the start first."""
     objective = lambda x_adv: jnp.sum(kl_rows(target_logits, logits_fn(x_adv)))
     iterates = [x + 0.001 * jax.random.normal(key, x.shape)]
     for _ in range(steps):
@@ -117,11 +130,28 @@ def kl_attack(logits_fn, x, target_logits, key, eps, step_size, steps, norm="lin
         if norm == "linf":
             moved = iterates[-1] + step_size * jnp.sign(grad)
             iterates.append(jnp.clip(jnp.minimum(jnp.maximum(moved, x - eps), x + eps), 0, 1))
-            continue
-        lengths = lambda v: jnp.sqrt(jnp.sum(v ** 2, axis=(1, 2, 3), keepdims=True))
-        delta = iterates[-1] + step_size * grad / (lengths(grad) + 1e-10) - x
-        delta = delta * jnp.minimum(1.0, eps / lengths(delta))
-        iterates.append(jnp.clip(x + delta, 0.0, 1.0))
+        elif l2_form == "trades":
+            delta = iterates[-1] - x + 2 * eps / steps * grad / lengths(grad)
+            delta = jnp.clip(x + delta, 0.0, 1.0) - x
+            delta = jnp.where(lengths(delta) > eps, delta * eps / (lengths(delta) + 1e-7), delta)
+            iterates.append(x + delta)
+        else:
+            delta = iterates[-1] + step_size * grad / (lengths(grad) + 1e-10) - x
+            delta = delta * jnp.minimum(1.0, eps / lengths(delta))
+            iterates.append(jnp.clip(x + delta, 0.0, 1.0))
+    return iterates
+
+
+def ce_attack_from_small_noise(logits_fn, x, y, key, eps, step_size, steps):
+    """The MART code's attack (YisenWang/MART mart.py): start at x + 0.001 N(0, 1), signed
+    steps up the cross-entropy, into [x - eps, x + eps] by min/max, then into [0, 1]. Every
+    iterate, the start first."""
+    objective = lambda x_adv: jnp.sum(-jax.nn.log_softmax(logits_fn(x_adv))[
+        jnp.arange(len(y)), y])
+    iterates = [x + 0.001 * jax.random.normal(key, x.shape)]
+    for _ in range(steps):
+        moved = iterates[-1] + step_size * jnp.sign(jax.grad(objective)(iterates[-1]))
+        iterates.append(jnp.clip(jnp.minimum(jnp.maximum(moved, x - eps), x + eps), 0, 1))
     return iterates
 
 
@@ -181,7 +211,11 @@ def adversarial_iterates(config, forwards, params, stats, x, y, key):
         logits_fn = lambda x_in: forwards.train_logits(params, x_in)
     if config.train.loss == "trades" and config.train.trades_attack == "kl":
         return kl_attack(logits_fn, x, logits_fn(x), key, attack_cfg.eps,
-                         attack_cfg.step_size, attack_cfg.steps, attack_cfg.norm)
+                         attack_cfg.step_size, attack_cfg.steps, attack_cfg.norm,
+                         config.train.trades_l2_attack)
+    if config.train.loss == "mart" and config.train.mart_attack_start == "normal":
+        return ce_attack_from_small_noise(logits_fn, x, y, key, attack_cfg.eps,
+                                          attack_cfg.step_size, attack_cfg.steps)
     # attacks.pgd with k steps is the k-th iterate of its longer runs (same key, same start).
     return [attacks.pgd(logits_fn, x, y, key, attack_cfg.eps, attack_cfg.step_size, k,
                         norm=attack_cfg.norm) for k in range(attack_cfg.steps + 1)]

@@ -13,10 +13,10 @@ with per-point flags and sanity checks) is `autoattack`.
 
 from __future__ import annotations
 
-from fpcm_jax.attacks._common import NORMS, check_norm, norms
+from fpcm_jax.attacks._common import BALL_TOLERANCE, NORMS, ball_limit, check_norm, norms
 from fpcm_jax.attacks.apgd import (apgd, apgd_stage, apgd_targeted, checkpoint_schedule, dlr_loss,
                                    dlr_targeted_loss)
-from fpcm_jax.attacks.autoattack import STANDARD, autoattack
+from fpcm_jax.attacks.autoattack import STANDARD, ConsistencyError, autoattack
 from fpcm_jax.attacks.fab import fab_targeted, fab_targeted_stage, projection_l2, projection_linf
 from fpcm_jax.attacks.pgd import (cw, cw_margin, fgm, fgsm, pgd, pgd_iterate, project,
                                    uniform_start)
@@ -29,4 +29,4 @@ __all__ = ["get", "autoattack", "STANDARD", "ATTACK_NAMES", "pgd", "fgsm", "fgm"
            "apgd_targeted", "checkpoint_schedule", "dlr_loss", "dlr_targeted_loss",
            "fab_targeted", "fab_targeted_stage", "projection_linf", "projection_l2",
            "square_attack", "square_stage", "p_selection", "options_for", "takes_step_size",
-           "NORMS", "check_norm", "norms", "DEFAULT_EPS", "DEFAULT_STEP_SIZE", "check_supports"]
+           "NORMS", "check_norm", "norms", "BALL_TOLERANCE", "ball_limit", "ConsistencyError", "DEFAULT_EPS", "DEFAULT_STEP_SIZE", "check_supports"]

@@ -80,6 +80,17 @@ def norms(delta: jax.Array, norm: str) -> jax.Array:
     return jnp.sqrt(jnp.sum(flat * flat, axis=1))
 
 
+# Rounding slack of a perturbation's norm: with float32 images x + delta - x differs from
+# delta by up to ~1e-7 per pixel, and a projected L2 perturbation's norm from eps by a few ulps.
+BALL_TOLERANCE = (1e-5, 1e-6)  # relative to eps, absolute
+
+
+def ball_limit(eps: float) -> float:
+    """The largest perturbation norm accepted as inside the eps-ball (`BALL_TOLERANCE`)."""
+    relative, absolute = BALL_TOLERANCE
+    return eps * (1 + relative) + absolute
+
+
 def pick(logits: jax.Array, classes: jax.Array) -> jax.Array:
     """Each example's logit of its class in `classes`: logits[i, classes[i]]."""
     return jnp.take_along_axis(logits, classes[:, None], axis=1)[:, 0]

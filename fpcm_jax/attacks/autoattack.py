@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcm_jax.attacks._common import check_norm, norms, target_ranks
+from fpcm_jax.attacks._common import ball_limit, check_norm, norms, target_ranks
 from fpcm_jax.attacks.registry import COMPONENTS, Attack, component
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -121,10 +121,8 @@ def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
     """The result's clean fields and output warnings, and the flags of the points classified
     correctly (the points the first component attacks)."""
     count = len(call.y)
-    predict = call.cache.setdefault("predict", jax.jit(call.apply))
-    logits_list = [call.fetch(predict(call.params, call.put(call.x[padded])))[:len(chosen)]
-                   for chosen, padded in _batches(np.arange(count), call.batch_size)]
-    clean_logits = np.concatenate(logits_list) if logits_list else np.zeros((0, 1), np.float32)
+    predict = _predict_fn(call)
+    clean_logits = _logits_of(call, call.x)
     robust = clean_logits.argmax(1) == call.y
     warnings = _output_warnings(lambda inputs: call.fetch(predict(call.params, inputs)),
                                 call.put(call.x[np.resize(np.arange(count), call.batch_size)]),
@@ -133,6 +131,24 @@ def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
               "clean_accuracy": _fraction(robust), "flags_after": {}, "accuracy_after": {},
               "seconds": {}, "warnings": warnings}
     return result, robust
+
+
+def _predict_fn(call: _Call) -> Callable:
+    """The jitted logits of one batch: the one function every verdict comes from."""
+    return call.cache.setdefault("predict", jax.jit(call.apply))
+
+
+def _predictions(call: _Call, batch: jax.Array) -> np.ndarray:
+    """The classes predicted for a batch already on the devices (padded), as numpy."""
+    return call.fetch(_predict_fn(call)(call.params, batch)).argmax(1)
+
+
+def _logits_of(call: _Call, images: np.ndarray) -> np.ndarray:
+    """The logits of all `images`, in batches of `batch_size` (the last one padded)."""
+    predict = _predict_fn(call)
+    parts = [call.fetch(predict(call.params, call.put(images[padded])))[:len(chosen)]
+             for chosen, padded in _batches(np.arange(len(images)), call.batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
 
 
 def _run_component(call: _Call, name: str, entry: Attack, robust: np.ndarray,
@@ -165,14 +181,18 @@ def _run_stage_batches(call: _Call, run: Callable, where: Tuple[str, int, int],
         call.on_batch(*where, 0, len(attacked), int(robust.sum()))
     zero_grad_points = 0
     for chosen, padded in _batches(attacked, call.batch_size):
-        outputs = run(call.params, call.put(call.x[padded]), call.put(call.y[padded]),
-                      call.put(padded.astype(np.int32)),
-                      np.asarray(jax.random.key_data(stage_key)), np.int32(target_rank))
-        adv, still, zero = (call.fetch(a)[:len(chosen)] for a in outputs)
-        fooled = chosen[~still]
-        x_adv[fooled] = adv[~still]
+        adv_batch, _, zero = run(call.params, call.put(call.x[padded]), call.put(call.y[padded]),
+                                 call.put(padded.astype(np.int32)),
+                                 np.asarray(jax.random.key_data(stage_key)),
+                                 np.int32(target_rank))
+        # As the reference: the returned examples are classified again, and only that decides
+        # (never the flags the attack computed inside its loop).
+        adv = call.fetch(adv_batch)[:len(chosen)]
+        misclassified = _predictions(call, adv_batch)[:len(chosen)] != call.y[chosen]
+        fooled = chosen[misclassified]
+        x_adv[fooled] = adv[misclassified]
         robust[fooled] = False
-        zero_grad_points += int(zero.sum())
+        zero_grad_points += int(call.fetch(zero)[:len(chosen)].sum())
         if call.on_batch is not None:
             done = int(np.searchsorted(attacked, chosen[-1])) + 1
             call.on_batch(*where, done, len(attacked), int(robust.sum()))
@@ -192,6 +212,39 @@ def _finish(result: Dict[str, Any], call: _Call, robust: np.ndarray, x_adv: np.n
     result["x_adv"] = x_adv
     result["max_perturbation"] = (float(np.max(norms(x_adv - call.x, call.norm)))
                                   if len(call.x) else 0.0)
+    result["consistency"] = check_consistency(call, result)
+
+
+class ConsistencyError(ValueError):
+    """AutoAttack's flags, x_adv and the model disagree: no figure of the run can be trusted."""
+
+
+def check_consistency(call: _Call, result: Dict[str, Any]) -> Dict[str, Any]:
+    """Classify every returned example once more and check what the result claims: a robust
+    point is classified correctly clean and at its x_adv (which is then x itself); a point
+    counted fooled is misclassified at its x_adv; a point misclassified clean is not robust;
+    every x_adv lies in the eps-ball around x and in [0, 1]. Returns what was checked; a
+    `ConsistencyError` names the first disagreement."""
+    clean, robust, x_adv = result["clean_flags"], result["robust_flags"], result["x_adv"]
+    correct_at_adv = _logits_of(call, x_adv).argmax(1) == call.y
+    problems = [(robust & ~clean, "counted robust but misclassified clean"),
+                (robust & ~correct_at_adv, "counted robust but misclassified at its x_adv"),
+                (clean & ~robust & correct_at_adv,
+                 "counted fooled but classified correctly at its x_adv")]
+    distances = np.asarray(norms(x_adv - call.x, call.norm)) if len(x_adv) else np.zeros(0)
+    problems.append((distances > ball_limit(call.eps),
+                     f"x_adv outside the {call.norm} ball of radius {call.eps:.6g}"))
+    problems.append(((x_adv < 0).reshape(len(x_adv), -1).any(1) |
+                     (x_adv > 1).reshape(len(x_adv), -1).any(1), "x_adv outside [0, 1]"))
+    for flags, what in problems:
+        if np.any(flags):
+            points = np.flatnonzero(flags)
+            raise ConsistencyError(
+                f"AutoAttack's result is inconsistent: {len(points)} point(s) {what} (first: "
+                f"index {points[0]}); its robust accuracy cannot be trusted. This is a bug in "
+                f"the attack or a model whose output changes between identical calls.")
+    return {"reclassified": int(len(x_adv)), "robust_at_x_adv": int(np.sum(robust)),
+            "fooled_at_x_adv": int(np.sum(clean & ~robust)), "inside_ball_and_box": True}
 
 
 # Compiled stages per logits_fn(params, x): the weights are arguments, so a second evaluation

@@ -28,8 +28,8 @@ from fpcm_jax.attacks._common import (UNROLL_MAX_STEPS_CPU, check_norm, default_
                                       fixed_loop, margin, norms, per_example)
 
 __all__ = ["UNROLL_MAX_STEPS_CPU", "default_unroll", "fixed_loop", "uniform_start", "project",
-           "ascent_direction", "pgd_iterate", "cross_entropy", "cw_margin", "pgd", "fgsm", "fgm",
-           "cw"]
+           "ascent_direction", "pgd_iterate", "trades_l2_iterate", "cross_entropy", "cw_margin",
+           "pgd", "fgsm", "fgm", "cw"]
 
 # torchattacks' PGDL2 `eps_for_division`: keeps a zero gradient's L2 step finite (and zero).
 L2_DIVISION_EPS = 1e-10
@@ -81,6 +81,41 @@ def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: j
 
     x_adv, carry = fixed_loop(steps, step, (x_start, carry), unroll)
     return jax.lax.stop_gradient(x_adv), carry
+
+
+# torch.Tensor.renorm_'s divisor slack: a row longer than maxnorm is scaled by
+# maxnorm / (norm + 1e-7).
+RENORM_EPS = 1e-7
+
+
+def trades_l2_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: jax.Array,
+                      x_start: jax.Array, carry: Any, eps: float, steps: int, key: jax.Array,
+                      unroll: Optional[bool] = None) -> Tuple[jax.Array, Any]:
+    """The TRADES code's L2 attack loop (yaodongyu/TRADES, `trades_loss`, distance 'l_2') on
+    loss_fn(x_adv, carry) -> (loss, new_carry), from x_start = x + delta: each step moves delta
+    by SGD with lr 2 eps / steps along the gradient divided by its L2 norm (a zero gradient is
+    replaced by N(0, 1) noise, drawn from fold_in(key, step), and SGD steps against it), then
+    puts x + delta into [0, 1] and only then scales delta back onto the ball (torch's renorm:
+    eps / (norm + 1e-7) when longer than eps). Returns clip(x + delta, 0, 1) and the carry."""
+    learning_rate = 2.0 * eps / steps
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def step(index, state):
+        delta, carry = state
+        grad, carry = grad_fn(x + delta, carry)
+        length = per_example(norms(grad, "l2"), grad)
+        noise = jax.random.normal(jax.random.fold_in(key, index), grad.shape, grad.dtype)
+        # The reference minimises -loss: a step against its normalised gradient, or against
+        # the noise that replaces a zero one.
+        delta = jnp.where(length > 0, delta + learning_rate * grad / jnp.where(
+            length > 0, length, 1.0), delta - learning_rate * noise)
+        delta = jnp.clip(x + delta, 0.0, 1.0) - x
+        longer = norms(delta, "l2")
+        factor = jnp.where(longer > eps, eps / (longer + RENORM_EPS), 1.0)
+        return delta * per_example(factor, delta), carry
+
+    delta, carry = fixed_loop(steps, step, (x_start - x, carry), unroll)
+    return jax.lax.stop_gradient(jnp.clip(x + delta, 0.0, 1.0)), carry
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

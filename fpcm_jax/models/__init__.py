@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fpcm_jax.models.common import ACTIVATIONS  # noqa: F401  (the valid model.activation)
+from fpcm_jax.models.common import CifarClassifier
 from fpcm_jax.models.resnet import ResNet
 from fpcm_jax.models.wide_resnet import WideResNet
 
@@ -80,4 +81,4 @@ def compute_dtype(name: str):
 
 
 __all__ = ["compute_dtype", "create", "variables_template", "DTYPES", "ResNet", "WideResNet",
-           "MODEL_NAMES"]
+           "MODEL_NAMES", "CifarClassifier"]

@@ -120,6 +120,7 @@ class CifarClassifier(nn.Module):
     mean: Optional[Sequence[float]] = None  # None: raw [0, 1] input
     std: Optional[Sequence[float]] = None
     fpcm_lowpass: str = "auto"  # fft | matmul | auto: how FPCM computes its filter (same result)
+    fpcm_alpha: Optional[float] = None  # None: learned alpha (the paper); a constant in [0, 1]
     dtype: Any = jnp.float32
     activation: str = "relu"  # relu (official) | swish
 

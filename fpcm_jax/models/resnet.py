@@ -59,7 +59,7 @@ class ResNet(CifarClassifier):
                 out = BasicBlock(width, stride, self.dtype, self.activation, name=name)(out, train)
             if self.fpcm:
                 out = FPCM("depthwise", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
-                           self.fpcm_lowpass,
+                           self.fpcm_lowpass, self.fpcm_alpha,
                            name=f"attn{stage}")(out, progress)
         out = jnp.mean(out, axis=(1, 2))  # = the official avg_pool2d(4) on a 32x32 input
         logits = torch_dense(self.num_classes, out.shape[-1], "linear", self.dtype)(out)

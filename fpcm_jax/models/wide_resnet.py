@@ -63,7 +63,7 @@ class WideResNet(CifarClassifier):
                                   name=f"block{group}_layer_{block}")(out, train)
             if self.fpcm:
                 out = FPCM("dense", self.fpcm_variant, self.cutoff_start, self.cutoff_end,
-                           self.fpcm_lowpass,
+                           self.fpcm_lowpass, self.fpcm_alpha,
                            name=f"attn{group}")(out, progress)
         out = activation_fn(self.activation)(BatchNorm(name="bn1")(out, not train))
         out = jnp.mean(out, axis=(1, 2))  # = the official avg_pool2d(8) on a 32x32 input

@@ -1,0 +1,215 @@
+"""Your own model through the whole pipeline (README "Your own model"): a Flax model named by
+import path (`own_models:TinyCNN`, FPCM inside submodules) trains, stops and resumes, is
+selected, evaluated with PGD and AutoAttack, analysed (its FPCM layers found wherever they
+sit) and reported; the Python entry point with the same network gives identical metrics; an
+NNX model runs through the same pipeline; protocol errors are one line before any work; a
+run whose model code changed or disappeared says so."""
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fpcm_jax
+import own_models
+from conftest import tiny_config
+from fpcm_jax import (analysis, checkpoint, config_checks, data, evaluate, experiment, loading,
+                      report, train)
+from fpcm_jax.models import imported
+
+SHORT_AUTOATTACK = {"n_iter": 3, "n_queries": 20, "n_target_classes": 2}
+
+
+def own_config(name="own_models:TinyCNN", kwargs=None, **changes):
+    """The tiny config (PGD-1, 2 epochs) with the model given by import path; the registry
+    ResNet's fields reset."""
+    config = tiny_config(model__name=name, model__widths=None, model__stage_sizes=None,
+                         attack__steps=1, train__final_test_attack_steps=1, **changes)
+    config.model.kwargs = {"width": 6} if kwargs is None else kwargs
+    return config
+
+
+def train_checked(config, workdir):
+    config_checks.check_training(config)
+    return train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """(workdir, config) of TinyCNN(width=6) trained 2 epochs, stopped after 13 steps and
+    resumed by the same call (the resume is checked in the test)."""
+    workdir = tmp_path_factory.mktemp("own") / "run"
+    config = own_config()
+    stopped = config.copy_and_resolve_references()
+    stopped.train.stop_after_steps = 13
+    assert train_checked(stopped, workdir)["stopped_at_step"] == 13
+    train_checked(config, workdir)
+    return workdir, config
+
+
+def metric_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_own_model_trains_resumes_and_is_selected(own_run):
+    workdir, config = own_run
+    with open(workdir / "run.json") as handle:
+        description = json.load(handle)
+    assert description["name"] == "own_models:TinyCNN"
+    assert description["kwargs"] == {"width": 6, "num_classes": 10}
+    with open(own_models.__file__, "rb") as handle:
+        assert description["code"]["sha256"] == hashlib.sha256(handle.read()).hexdigest()
+    steps = [line["step"] for line in metric_lines(workdir) if "loss" in line]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 13  # resumed at 14
+    for name in ("best_sum", "best_robust"):
+        model, variables, info, _ = loading.load_model(str(workdir / name))
+        assert info["name"] == "own_models:TinyCNN" and info["selected_by"] == name
+        assert isinstance(model, own_models.TinyCNN) and model.width == 6
+    with open(workdir / "summary.json") as handle:
+        assert json.load(handle)["final_step"] == len(steps)
+
+
+def test_own_model_is_evaluated_analysed_and_reported(own_run, tmp_path):
+    workdir, config = own_run
+    result = evaluate.run_evaluation(config, str(workdir), ["none", "pgd3", "autoattack"],
+                                     num_examples=40, batch_size=20,
+                                     autoattack_options=SHORT_AUTOATTACK)
+    assert result["model"]["name"] == "own_models:TinyCNN"
+    model, variables, _, _ = loading.load_model(str(workdir))
+    _, _, test_split = data.load_for(config)
+    x, y = data.to_float(test_split.images[:40]), test_split.labels[:40]
+    direct = float(np.mean(np.asarray(model.apply(variables, x, train=False)).argmax(1) == y))
+    for name in ("none", "pgd3", "autoattack"):
+        assert result["attacks"][name]["clean_acc"] == direct
+    assert result["attacks"]["autoattack"]["verified"]["inside_ball_and_box"]
+    config.analysis.num_examples, config.analysis.heatmap_examples = 20, 2
+    config.analysis.feature_examples, config.analysis.filter_steps = 4, 2
+    found = analysis.run_analysis(config, [str(workdir)], str(tmp_path / "analysis"))
+    figures = found["models"]["run"]
+    assert set(figures["alpha"]) == {"stage_a/freq", "stage_b/freq"}
+    assert set(figures["feature_high_frequency_share"]) == {"stage_a/freq", "stage_b/freq"}
+    table = report.write_report([str(workdir)], str(tmp_path / "table"))
+    assert "run" in open(table["files"][0]).read()
+
+
+def test_python_entry_point_gives_the_same_run(own_run, tmp_path):
+    """fpcm_jax.train_and_evaluate(config, workdir, model=TinyCNN(width=6)) (uninterrupted)
+    and the import-path run (stopped and resumed): the same losses, validation and test
+    figures, to the bit."""
+    workdir, config = own_run
+    plain = tiny_config(model__widths=None, model__stage_sizes=None, attack__steps=1,
+                        train__final_test_attack_steps=1)
+    fpcm_jax.train_and_evaluate(plain, str(tmp_path / "api"),
+                                model=own_models.TinyCNN(width=6))
+    figures = lambda w: [{k: v for k, v in line.items() if k not in ("time",)}
+                         for line in metric_lines(w)]
+    assert figures(tmp_path / "api") == figures(workdir)
+    with open(tmp_path / "api" / "summary.json") as a, open(workdir / "summary.json") as b:
+        api_summary, cli_summary = json.load(a), json.load(b)
+    for key in ("test_clean_acc", "test_pgd1_acc", "final_step"):
+        assert api_summary[key] == cli_summary[key]
+
+
+def test_a_model_with_a_distinctive_output_is_the_one_evaluated(tmp_path):
+    """Constant7 predicts class 7 for every image: the report's clean accuracy is the share
+    of 7s, which no trained model would give; also through fpcm_jax.evaluate with the model
+    and variables given in Python."""
+    config = own_config("own_models:Constant7", kwargs={})
+    model = experiment.model_from_description(experiment.describe(config))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    checkpoint.save_variables(str(tmp_path / "ckpt"), variables, experiment.describe(config))
+    _, _, test_split = data.load_for(config)
+    sevens = float(np.mean(test_split.labels[:60] == 7))
+    for result in (evaluate.run_evaluation(config, str(tmp_path / "cli"), ["none"],
+                                           str(tmp_path / "ckpt"), num_examples=60),
+                   fpcm_jax.evaluate(config, str(tmp_path / "api"), ["none"],
+                                     model=own_models.Constant7(), variables=variables,
+                                     num_examples=60)):
+        assert result["attacks"]["none"]["clean_acc"] == sevens
+        assert result["model"]["name"] == "own_models:Constant7"
+
+
+def test_nnx_model_runs_through_the_pipeline_with_its_batchnorm(tmp_path):
+    """An NNX class (wrapped by nnx.bridge.ToLinen): trained, its running statistics moved
+    from their start and used in evaluation mode, evaluated and its alpha analysed."""
+    config = own_config("own_models:NNXNet", kwargs={"width": 4}, train__epochs=1)
+    train_checked(config, tmp_path / "run")
+    model, variables, info, _ = loading.load_model(str(tmp_path / "run"))
+    stats = variables["batch_stats"]["bn"]
+    assert float(jnp.abs(stats["mean"]).max()) > 1e-3  # updated by training (started at 0)
+    _, _, test_split = data.load_for(config)
+    x = data.to_float(test_split.images[:16])
+    eval_logits = model.apply(variables, x, train=False)
+    zeroed = {**variables, "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
+    assert not np.allclose(eval_logits, model.apply(zeroed, x, train=False))  # uses them
+    result = evaluate.run_evaluation(config, str(tmp_path / "run"), ["none", "pgd2"],
+                                     num_examples=20, batch_size=20)
+    assert result["attacks"]["pgd2"]["robust_acc"] <= result["attacks"]["none"]["clean_acc"]
+    alphas = analysis.Analyzer(model, variables).alphas(np.asarray(x))
+    assert set(alphas) == {"fpcm"} and alphas["fpcm"].shape == (16, 4)
+
+
+@pytest.mark.parametrize("name, kwargs, changes, message", [
+    ("no_such_module:Net", {}, {}, "cannot import the model 'no_such_module:Net'"),
+    ("own_models:Missing", {}, {}, "module 'own_models' has no 'Missing'"),
+    ("own_models:NOT_A_MODEL", {}, {}, "is a int, not a Flax module"),
+    ("own_models:NoProgress", {}, {}, "must take (x, train, progress)"),
+    ("own_models:WrongShape", {}, {}, "returns (2, 1) for 2 images"),
+    ("own_models:ExtraCollection", {}, {}, "collection(s) ['counter']"),
+    ("own_models:TinyCNN", {"depth": 3}, {}, "unexpected keyword argument 'depth'"),
+    ("own_models:TinyCNN", {}, {"model__fpcm": False}, "model.fpcm=False applies to the "
+                                                        "registry's models"),
+    ("own_models:NNXNet", {}, {"model__dtype": "bfloat16"}, "needs a model that takes `dtype`"),
+    ("resnet18", {"width": 3}, {}, "applies to a model given by import path"),
+])
+def test_protocol_errors_are_one_line_before_any_work(tmp_path, name, kwargs, changes,
+                                                       message):
+    config = own_config(name, kwargs=kwargs, **changes)
+    if name == "resnet18":
+        config.model.widths = (8, 8, 8, 8)
+    with pytest.raises(ValueError) as raised:
+        train_checked(config, tmp_path / "run")
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_changed_or_missing_model_code_is_named_on_eval_and_resume(tmp_path, capsys,
+                                                                    monkeypatch):
+    code = tmp_path / "code"
+    code.mkdir()
+    module = f"user_net_{os.getpid()}"
+    source = code / f"{module}.py"
+    source.write_text("from own_models import TinyCNN as Net\n")
+    monkeypatch.syspath_prepend(str(code))
+    config = own_config(f"{module}:Net", kwargs={"width": 2})
+    description = experiment.describe(config)
+    model = experiment.model_from_description(description)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    saved = str(tmp_path / "ckpt")
+    checkpoint.save_variables(saved, variables, description)
+    loading.load_model(saved)
+    assert "changed" not in capsys.readouterr().err
+    source.write_text("# edited\nfrom own_models import TinyCNN as Net\n")
+    loading.load_model(saved)
+    err = capsys.readouterr().err
+    assert f"the code of the model {module}:Net changed since it was recorded" in err
+    assert description["code"]["sha256"] in err
+    from fpcm_jax import run_dir
+    os.makedirs(tmp_path / "run")
+    with open(tmp_path / "run" / "run.json", "w") as handle:
+        json.dump(description, handle)
+    run_dir.RunDirectory(str(tmp_path / "run"), experiment.describe(config))
+    assert "warning: resuming, but the code of the model" in capsys.readouterr().err
+    source.unlink()
+    monkeypatch.delitem(sys.modules, module)
+    importlib.invalidate_caches()
+    with pytest.raises(imported.ModelProtocolError, match="cannot import the model") as raised:
+        loading.load_model(saved)
+    assert str(source) in str(raised.value) and "\n" not in str(raised.value)
