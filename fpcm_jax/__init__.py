@@ -2,12 +2,12 @@
 
     from fpcm_jax.layers import FPCM                     # the layer, in your own Flax model
     fpcm_jax.train_and_evaluate(config, workdir, model=MyNet(...))   # train it (fpcm_jax.api)
-    fpcm_jax.evaluate(config, workdir, ["pgd20", "autoattack"])       # evaluate it
+    fpcm_jax.evaluate_model(config, workdir, ["pgd20", "autoattack"])  # evaluate it
 """
 
 __version__ = "0.3.0"
 
-_ENTRY_POINTS = ("train_and_evaluate", "evaluate")
+_ENTRY_POINTS = ("train_and_evaluate", "evaluate_model")
 
 
 def __getattr__(name):

@@ -4,8 +4,8 @@ directories and reports as main.py.
     import fpcm_jax
     from configs import tiny
     summary = fpcm_jax.train_and_evaluate(tiny.get_config(), "runs/mine", model=MyNet(width=16))
-    report = fpcm_jax.evaluate(tiny.get_config(), "runs/mine", ["pgd20", "autoattack"])
-    report = fpcm_jax.evaluate(config, "runs/eval", ["pgd20"], model=net, variables=variables)
+    report = fpcm_jax.evaluate_model(tiny.get_config(), "runs/mine", ["pgd20", "autoattack"])
+    report = fpcm_jax.evaluate_model(config, "runs/eval", ["pgd20"], model=net, variables=variables)
 
 `model` is a Flax Linen module instance whose class can be imported (it is recorded as
 `package.module:Class` with its fields, exactly as `--config.model.name` and
@@ -48,7 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return train.train_and_evaluate(config, workdir)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
+def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
              attacks: Sequence[str] = ("pgd20",), checkpoint: Optional[str] = None,
              model: Any = None, variables: Optional[Dict[str, Any]] = None,
              **options) -> Dict[str, Any]:

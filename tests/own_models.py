@@ -63,7 +63,7 @@ class OnGridIsWrong(nn.Module):
     clean (label 1), and correctly classified once perturbed by any random start. Its one
     parameter (a scale) keeps the variables non-empty."""
 
-    num_classes: int = 2
+    num_classes: int = 10
 
     @nn.compact
     def __call__(self, x, train: bool = False, progress: Any = 1.0):
@@ -71,7 +71,8 @@ class OnGridIsWrong(nn.Module):
         pixels = x.reshape(x.shape[0], -1) * 255.0
         off_grid = jnp.mean(jnp.abs(pixels - jnp.round(pixels)), axis=1)
         score = scale * (1e4 * off_grid - 0.5)  # uint8 / 255 rounds to ~1e-7 off the grid
-        return jnp.stack([jnp.zeros_like(score), score], axis=1)
+        others = jnp.full((x.shape[0], self.num_classes - 2), -1e3)
+        return jnp.concatenate([jnp.zeros_like(score)[:, None], score[:, None], others], axis=1)
 
 
 class Constant7(nn.Module):

@@ -11,6 +11,8 @@ robust accuracy is the exact one on linear problems whose answer is known in clo
   included.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +21,10 @@ import pytest
 import test_attack_answers as linf_problems
 import test_l2_attacks as l2_problems
 from fpcm_jax import attacks
-from fpcm_jax.attacks import autoattack as autoattack_module
 from fpcm_jax.attacks import registry
 
+autoattack_module = importlib.import_module("fpcm_jax.attacks.autoattack")  # the module, not
+# the function `fpcm_jax.attacks.autoattack` that shadows it
 # Short runs: the linear problems need few iterations (test_attack_answers: 10 iterations
 # and 3 targets reach the exact verdicts); Square then finds nothing new.
 SHORT = {"n_iter": 10, "n_target_classes": 3, "n_queries": 100, "batch_size": 16}

@@ -120,7 +120,7 @@ def test_python_entry_point_gives_the_same_run(own_run, tmp_path):
 def test_a_model_with_a_distinctive_output_is_the_one_evaluated(tmp_path):
     """Constant7 predicts class 7 for every image: the report's clean accuracy is the share
     of 7s, which no trained model would give; also through fpcm_jax.evaluate with the model
-    and variables given in Python."""
+    and variables given in Python (fpcm_jax.evaluate_model)."""
     config = own_config("own_models:Constant7", kwargs={})
     model = experiment.model_from_description(experiment.describe(config))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -129,7 +129,7 @@ def test_a_model_with_a_distinctive_output_is_the_one_evaluated(tmp_path):
     sevens = float(np.mean(test_split.labels[:60] == 7))
     for result in (evaluate.run_evaluation(config, str(tmp_path / "cli"), ["none"],
                                            str(tmp_path / "ckpt"), num_examples=60),
-                   fpcm_jax.evaluate(config, str(tmp_path / "api"), ["none"],
+                   fpcm_jax.evaluate_model(config, str(tmp_path / "api"), ["none"],
                                      model=own_models.Constant7(), variables=variables,
                                      num_examples=60)):
         assert result["attacks"]["none"]["clean_acc"] == sevens
