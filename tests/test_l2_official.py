@@ -15,6 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fpcm_jax import attacks
 from fpcm_jax.attacks.fab import projection_l2
@@ -140,26 +141,39 @@ def test_square_l2_tries_the_official_candidates():
     np.testing.assert_allclose(np.asarray(x_adv), arrays["square/x_adv"], atol=1e-6)
 
 
-def test_apgd_ce_l2_follows_the_official_iterates():
+# Point 3 of the problem is fooled 0.003 from its clean image, on a kink of the ReLU MLP, so
+# float32 rounding moves its later iterates: measured against the official ones, at most 6e-5
+# (compiled as one program) and 9.6e-5 (op by op) on two 2-core machines (Intel, AMD EPYC;
+# 2026-12-02/03), while the other five points stay within 1e-5. The bounds are 1e-5 and 3e-4;
+# a wrong step, projection, momentum or schedule moves every point by 1e-2 or more.
+SENSITIVE_POINT, SENSITIVE_ATOL = 3, 3e-4
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_apgd_ce_l2_follows_the_official_iterates(jitted):
     """From the official gaussian start, every point APGD-CE L2 evaluates (50 iterations)
     equals the official one: the start scaled to the eps-sphere, steps along the normalised
-    gradient, the L2 projection, and the step-size schedule (halved 5 times here)."""
+    gradient, the L2 projection, and the step-size schedule (halved 5 times here); op by op
+    and compiled as one program (jax.jit, as AutoAttack runs every stage)."""
     arrays = traces()
     x, y, eps = problem("fab")
     eps = float(arrays["apgd/eps"])
     official = arrays["apgd/points"]
     seen = []
-    # Not jitted: compiled as one graph, XLA's fusions round differently and point 3 (fooled
-    # at 0.003 from its clean image) drifts 6e-5 from the official by iteration 39.
-    x_adv, _, _ = attacks.apgd_stage(recording_mlp("fab", seen), x, y, jax.random.key(0), eps,
-                                     len(official) - 1, "ce",
-                                     start_noise=jnp.asarray(arrays["apgd/start_normal"]),
-                                     norm="l2")
+    stage = lambda x, y, start: attacks.apgd_stage(recording_mlp("fab", seen), x, y,
+                                                   jax.random.key(0), eps, len(official) - 1,
+                                                   "ce", start_noise=start, norm="l2")
+    x_adv, _, _ = (jax.jit(stage) if jitted else stage)(
+        x, y, jnp.asarray(arrays["apgd/start_normal"]))
     jax.effects_barrier()
     points = np.stack(seen[1:])  # without the clean pass
     assert points.shape == official.shape
     steps = arrays["apgd/step_size"]
+    others = np.arange(len(x)) != SENSITIVE_POINT
     for i, (ours, theirs) in enumerate(zip(points, official)):
-        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=f"iteration {i}; official "
-                                   f"step sizes / eps there: {steps[i] / eps}")
-    np.testing.assert_allclose(np.asarray(x_adv), arrays["apgd/x_adv"], atol=1e-5)
+        message = f"iteration {i}; official step sizes / eps there: {steps[i] / eps}"
+        np.testing.assert_allclose(ours[others], theirs[others], atol=1e-5, err_msg=message)
+        np.testing.assert_allclose(ours, theirs, atol=SENSITIVE_ATOL, err_msg=message)
+    np.testing.assert_allclose(np.asarray(x_adv)[others], arrays["apgd/x_adv"][others],
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x_adv), arrays["apgd/x_adv"], atol=SENSITIVE_ATOL)
