@@ -70,8 +70,9 @@ def describe(config) -> None:
     model, spec = experiment.build(config)
     params = models.variables_template(model, spec.image_size)["params"]
     count = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
-    print(f"{config.model.name} (FPCM: {config.model.fpcm}) for {config.data.name}: "
-          f"{count:,} parameters; {jax.device_count()} device(s): {jax.devices()[0].platform}.")
+    fpcm = "" if ":" in config.model.name else f" (FPCM: {config.model.fpcm})"  # own model
+    print(f"{config.model.name}{fpcm} for {config.data.name}: {count:,} parameters; "
+          f"{jax.device_count()} device(s): {jax.devices()[0].platform}.")
 
 
 def model_overrides(argv, config):

@@ -34,6 +34,16 @@ from fpcm_jax.checkpoint import path_name  # noqa: E402
 from official_weights import synthetic_state_dict  # noqa: E402
 
 
+# The longest files start first, one per worker (pytest.ini runs two, a file each at a time),
+# so that the rest fills in around them instead of one of them running alone at the end.
+LONGEST_FILES = ("test_multiprocess.py", "test_learning.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(os.path.basename(str(item.fspath)), len(first)))
+
+
 needs_four_devices = pytest.mark.skipif(
     jax.device_count() < 4, reason="needs 4 devices (the fake CPU devices of conftest.py)")
 

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from fpcm_jax import analysis, data, models
@@ -139,6 +140,7 @@ def test_heat_map_of_a_constant_model_is_flat_at_its_error_rate():
     np.testing.assert_array_equal(heat, np.full((8, 8), 0.75, np.float32))
 
 
+@pytest.mark.slow
 def test_analyze_end_to_end_without_noise_gives_the_clean_accuracy(trained_tiny_run, tmp_path):
     """At noise norm 0 every band and every heat-map entry is the clean figure; the widest
     low-pass keeps the whole spectrum (clean accuracy) and its high-pass leaves a zero image.

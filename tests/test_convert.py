@@ -116,6 +116,7 @@ def test_official_arrays_come_back_from_a_conversion_and_export_unchanged(name, 
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_checkpoint_that_loads(official_wrn16_2, wrn, tmp_path):
     arrays, state_dict = official_wrn16_2
     source = tmp_path / "official.npz"
@@ -154,6 +155,7 @@ def run_main(*args):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_export_gives_the_official_state_dict_and_eval_takes_it_directly(official_wrn16_2, wrn,
                                                                          tmp_path):
     arrays, state_dict = official_wrn16_2

@@ -155,6 +155,7 @@ def test_a_placed_archive_is_verified_and_used_without_a_download(served, tmp_pa
         archives.prepare("svhn", str(tmp_path), source_sha256="abc")
 
 
+@pytest.mark.slow
 def test_the_main_command_downloads_prepares_and_trains(served, tmp_path):
     server, _, digest = served
     before = len(server.requests)

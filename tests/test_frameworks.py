@@ -29,6 +29,7 @@ def plain_config(**changes):
                        train__warmup_epochs=0, **changes)
 
 
+@pytest.mark.slow
 def test_awp_step_is_the_official_procedure():
     """Proxy: one SGD step (lr 0.01) up the loss; each kernel moved by gamma * ||w|| along it;
     the gradient at the perturbed weights; SGD (momentum, weight decay) from the perturbed
@@ -112,6 +113,7 @@ def test_ema_is_the_authors_recurrence(stats_mode):
     assert state.eval_variables(False)["params"] is state.params
 
 
+@pytest.mark.slow
 def test_ema_survives_stop_and_resume_and_is_what_is_evaluated(tmp_path):
     options = dict(train__ema_decay=0.8, train__ema_warmup_fraction=0.2, train__epochs=1,
                    train__awp_gamma=0.01)
@@ -235,6 +237,7 @@ def test_no_retrace_with_awp_and_ema_across_the_warm_up():
         state, _ = step(state, batch, jax.random.key(0))
 
 
+@pytest.mark.slow
 @needs_four_devices
 def test_four_devices_equal_one_with_awp_ema_and_smoothing():
     """Two steps on 4 devices and on 1 agree to float rounding. The attack is L2: its steps

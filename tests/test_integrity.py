@@ -127,6 +127,14 @@ def test_damaged_model_checkpoint_is_an_error_never_a_different_model(kind, tiny
                                 tmp_path)
     assert some_data_damage_detected(detected, saved)
     assert {("model.json", "flip"), ("checksums.json", "truncate")} <= detected
+    # Every failed read above left orbax working in this process: a new save and a read of it
+    # give the same arrays. (A read that fails inside orbax can leave a TensorStore callback
+    # that later finds orbax's event loop closed: Python then reports "Event loop is closed"
+    # as an unraisable exception, after the read, harmless; main.py drops those reports and
+    # pytest.ini filters them.)
+    again = str(tmp_path / "again")
+    checkpoint.save_variables(again, variables, checkpoint.read_model_info(saved))
+    assert identical(loading.load_model(again)[1], variables)
 
 
 def test_arrays_swapped_under_their_checksums_are_caught(tiny_model, tmp_path):
@@ -155,6 +163,7 @@ def make_state(config, model, value):
     return state.replace(step=np.asarray(value, np.int32))
 
 
+@pytest.mark.slow
 def test_damaged_training_checkpoint_falls_back_to_the_previous_one(tiny_model, tmp_path,
                                                                     capfd):
     config, model = tiny_model
@@ -198,6 +207,7 @@ def test_damaged_training_checkpoint_falls_back_to_the_previous_one(tiny_model, 
     assert sorted(os.listdir(work / "checkpoints")) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_training_resumes_past_a_truncated_checkpoint(tmp_path, capfd):
     config = tiny_config(train__stop_after_steps=4, train__checkpoint_every_steps=2)
     assert train.train_and_evaluate(config, str(tmp_path))["stopped_at_step"] == 4
@@ -334,6 +344,7 @@ def checkpoint_steps(workdir):
     return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
 
 
+@pytest.mark.slow
 def test_a_training_save_cut_at_each_phase_resumes_from_the_last_complete_one(tiny_model,
                                                                               tmp_path):
     """Checkpoints 1 and 2 saved; a process saving 3 is cut at each phase (one process per

@@ -12,6 +12,8 @@ import pytest
 from conftest import tiny_config
 from fpcm_jax import evaluate, train
 
+pytestmark = pytest.mark.slow
+
 L2 = {"attack__norm": "l2", "attack__eps": 0.5, "attack__step_size": 0.1}
 
 

@@ -70,6 +70,7 @@ def test_wrn_fpcm_matches_official_logits(official_wrn16_2):
 
 @pytest.mark.parametrize("name, fixture", [("resnet18", "official_resnet18"),
                                            ("wrn-16-2", "official_wrn16_2")])
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_bfloat16_logits_stay_close_to_float32(name, fixture, train, request):
     arrays, state_dict = request.getfixturevalue(fixture)

@@ -58,6 +58,7 @@ def metric_lines(workdir):
         return [json.loads(line) for line in handle]
 
 
+@pytest.mark.slow
 def test_own_model_trains_resumes_and_is_selected(own_run):
     workdir, config = own_run
     with open(workdir / "run.json") as handle:
@@ -76,6 +77,7 @@ def test_own_model_trains_resumes_and_is_selected(own_run):
         assert json.load(handle)["final_step"] == len(steps)
 
 
+@pytest.mark.slow
 def test_own_model_is_evaluated_analysed_and_reported(own_run, tmp_path):
     workdir, config = own_run
     result = evaluate.run_evaluation(config, str(workdir), ["none", "pgd3", "autoattack"],
@@ -99,6 +101,7 @@ def test_own_model_is_evaluated_analysed_and_reported(own_run, tmp_path):
     assert "run" in open(table["files"][0]).read()
 
 
+@pytest.mark.slow
 def test_python_entry_point_gives_the_same_run(own_run, tmp_path):
     """fpcm_jax.train_and_evaluate(config, workdir, model=TinyCNN(width=6)) (uninterrupted)
     and the import-path run (stopped and resumed): the same losses, validation and test
@@ -136,6 +139,7 @@ def test_a_model_with_a_distinctive_output_is_the_one_evaluated(tmp_path):
         assert result["model"]["name"] == "own_models:Constant7"
 
 
+@pytest.mark.slow
 def test_nnx_model_runs_through_the_pipeline_with_its_batchnorm(tmp_path):
     """An NNX class (wrapped by nnx.bridge.ToLinen): trained, its running statistics moved
     from their start and used in evaluation mode, evaluated and its alpha analysed."""

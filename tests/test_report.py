@@ -20,6 +20,8 @@ import pytest
 from conftest import tiny_config
 from fpcm_jax import evaluate, report, train
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -50,6 +50,7 @@ def run_steps(config, mesh, num_steps, steps_per_epoch=2, trace_limit=None):
     return jax.device_get(state), metrics
 
 
+@pytest.mark.slow
 @needs_four_devices
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 def test_four_device_step_matches_one_device(bn_mode):
@@ -171,6 +172,7 @@ def test_digits_are_real_small_data():
     assert train_split.images.shape[1:] == (32, 32, 3) and set(train_split.labels) == set(range(10))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
     config = tiny_config()
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
@@ -226,6 +228,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in bad_value.stderr and not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir",
                str(tmp_path), "--config.model.widths=(8,8,8,8)", "--config.attack.steps=2",
