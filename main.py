@@ -33,7 +33,11 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze", "report", "expor
                   "--checkpoint as the official PyTorch state_dict in --out; info: describe "
                   "the model only.")
 flags.DEFINE_string("attack", "pgd20", "eval: attack name or comma list (none, fgsm, fgm, pgdN, "
-                    "cwN, apgd-ce, apgd-t, fab-t, square, autoattack).")
+                    "cwN, apgd-ce, apgd-t, fab-t, square, autoattack), or corruptions (common "
+                    "corruptions of CIFAR-10/100: CIFAR-10-C, CIFAR-100-C).")
+flags.DEFINE_list("corruptions", None, "eval, --attack corruptions: which (default: all 19; "
+                  "the mean is over the 15 standard ones).")
+flags.DEFINE_list("severities", None, "eval, --attack corruptions: which of 1-5 (default all).")
 flags.DEFINE_string("checkpoint", None, "eval, export: a model checkpoint or a run directory "
                     "(default: the workdir's best_robust/, else best_sum/); eval also takes an "
                     "official PyTorch file (.pt, .pth, .npz) of --config.model.name.")
@@ -48,7 +52,8 @@ flags.DEFINE_float("step_size", None, "eval: step of pgdN and cwN (default: "
 flags.DEFINE_integer("num_examples", None, "eval: the first N examples (default: all).")
 flags.DEFINE_integer("batch_size", None, "eval: batch size (default: config.eval.batch_size).")
 flags.DEFINE_integer("seed", 0, "eval: random seed of the attacks.")
-flags.DEFINE_enum("split", "test", ["test", "validation", "train"], "eval: which split.")
+flags.DEFINE_enum("split", "test", ["test", "validation", "train", "cifar10.1"],
+                  "eval: which split (cifar10.1: CIFAR-10.1 v6, a new CIFAR-10 test set).")
 flags.DEFINE_bool("allow_fallback", False, "eval/analyze: when a run directory's best_robust/ "
                   "is damaged, load its best_sum/ (with a warning) instead of stopping.")
 flags.DEFINE_list("checkpoints", None, "analyze: run directories or checkpoints; report: run "
@@ -100,19 +105,33 @@ def run_mode(mode: str, config, overrides) -> int:
             print(f"Wrote {FLAGS.out} ({info['name']}, official PyTorch state_dict) and "
                   f"{FLAGS.out}.json (its model).")
     elif mode == "eval":
+        severities = _integers(FLAGS.severities, "--severities")
         names = config_checks.check_evaluation(config, FLAGS.attack, FLAGS.num_examples,
                                                FLAGS.batch_size, FLAGS.eps, FLAGS.step_size,
-                                               FLAGS.norm)
+                                               FLAGS.norm, FLAGS.split, FLAGS.corruptions,
+                                               severities)
         evaluate.run_evaluation(config, FLAGS.workdir, names, FLAGS.checkpoint,
                                 FLAGS.num_examples, FLAGS.batch_size, FLAGS.eps, FLAGS.seed,
                                 FLAGS.split, step_size=FLAGS.step_size,
                                 model_overrides=overrides, allow_fallback=FLAGS.allow_fallback,
-                                norm=FLAGS.norm)
+                                norm=FLAGS.norm,
+                                corruption_options={"names": FLAGS.corruptions,
+                                                    "severities": severities})
     else:
         config_checks.check_training(config)
         result = train.train_and_evaluate(config, FLAGS.workdir)
         return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed
     return 0
+
+
+def _integers(values, flag: str):
+    """A flag's list of integers (None when not given); a one-line error otherwise."""
+    if values is None:
+        return None
+    try:
+        return [int(value) for value in values]
+    except ValueError:
+        raise ValueError(f"{flag}={','.join(values)}: give integers, e.g. 1,3,5.") from None
 
 
 def main(argv, overrides):

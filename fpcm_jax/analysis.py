@@ -30,17 +30,8 @@ from flax import linen as nn
 from flax import traverse_util
 
 from fpcm_jax import data, layers, loading, models, parallel, plots
+from fpcm_jax.spectra import MAX_RADIUS, radius_grid
 from fpcm_jax.files import write_json
-
-MAX_RADIUS = float(np.sqrt(0.5))  # the corner of the spectrum, in cycles per pixel
-
-
-def radius_grid(height: int, width: int) -> np.ndarray:
-    """Radial frequency (cycles per pixel) of every fft2 coefficient, shape (H, W)."""
-    fy = np.fft.fftfreq(height)[:, None]
-    fx = np.fft.fftfreq(width)[None, :]
-    return np.sqrt(fy ** 2 + fx ** 2)
-
 
 def band_masks(height: int, width: int, num_bands: int) -> np.ndarray:
     """(num_bands, H, W) indicator masks of equal-width rings from 0 to the corner radius."""

@@ -43,7 +43,7 @@ from fpcm_jax.files import write_json, written_whole
 class Archive:
     name: str
     size: int
-    sha256: str
+    sha256: Optional[str]
 
 
 # From tensorflow-datasets' url_checksums (the same files the tfds builders download).
@@ -63,6 +63,22 @@ OFFICIAL = {
                    [Archive("imagenette2-160.tgz", 99003388,
                             "64d0c4859f35a461889e0147755a999a48b49bf38a7e0f9bd27003f10db02fe5")]),
 }
+# Test sets beyond the datasets' own (`fpcm_jax.corruptions`): Hendrycks and Dietterich's
+# common corruptions on Zenodo (CIFAR-10-C's checksum is tensorflow-datasets'; none is published
+# for CIFAR-100-C where this was written: its first verified file is recorded instead), and
+# CIFAR-10.1 v6 (tensorflow-datasets' checksums). {dataset: (base URL, archives)}.
+CORRUPTIONS = {
+    "cifar10": ("https://zenodo.org/record/2535967/files/",
+                [Archive("CIFAR-10-C.tar", 2918471680,
+                         "c72763e101c723b7c507b96205f7e938912a5d587376173b825850cf3cb876a7")]),
+    "cifar100": ("https://zenodo.org/record/3555552/files/",
+                 [Archive("CIFAR-100-C.tar", 0, None)]),
+}
+CIFAR10_1 = ("https://raw.githubusercontent.com/modestyachts/CIFAR-10.1/master/datasets/",
+             [Archive("cifar10.1_v6_data.npy", 6144128,
+                      "2997188e5816f5bd545dc77771b6227828c28146049fcecf3fa10775474cacc6"),
+              Archive("cifar10.1_v6_labels.npy", 8128,
+                      "ae40beda001693674edc94d925ee8268cfe68905f8f9aff800c8dcdfcd6c9448")])
 CONNECT_TIMEOUT_SECONDS = 15  # offline, a download fails within this
 CHECKSUMS_FILE, LOCK_FILE = "prepared.json", "prepare.lock"
 
@@ -150,17 +166,17 @@ def prepare(name: str, data_dir: Optional[str], download: bool = True, source_ur
     """Download (unless the archives are there already) and prepare a dataset's splits, unless
     another process has just prepared them intact: one at a time, the others wait."""
     base_url, archives = OFFICIAL[name]
-    archives = _with_checksums(archives, source_url, source_sha256)
+    archives = with_checksums(archives, source_url, source_sha256)
     paths = prepared_paths(name, data_dir)
     folder = os.path.dirname(paths["train"])
-    with _one_at_a_time(folder, name):
+    with one_at_a_time(folder, name):
         try:
             _check_prepared(name, data_dir)
             return  # prepared, intact, by another process while this one waited
         except ArchiveError:
             pass  # not prepared, or damaged: prepare it
         downloads = os.path.join(data_root(data_dir), "downloads")
-        sources = [_fetch(archive, (source_url or base_url), downloads, download, name)
+        sources = [fetch(archive, (source_url or base_url), downloads, download, name)
                    for archive in archives]
         splits = READERS[name](sources, image_size)
         for split, path in paths.items():
@@ -174,7 +190,7 @@ def prepare(name: str, data_dir: Optional[str], download: bool = True, source_ur
 
 
 @contextlib.contextmanager
-def _one_at_a_time(folder: str, name: str) -> Iterator[None]:
+def one_at_a_time(folder: str, name: str) -> Iterator[None]:
     """Hold `folder/prepare.lock` (released by the system if the process dies)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, LOCK_FILE), "a") as lock:
@@ -197,33 +213,35 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _with_checksums(archives: List[Archive], source_url: str,
+def with_checksums(archives: List[Archive], source_url: str,
                     source_sha256: str) -> List[Archive]:
     """The official checksums, or those given as 'file:sha256,...' (or one sha256 when the
     dataset has one archive) for files that differ from the official ones."""
     if not source_sha256:
         return archives
     names = [archive.name for archive in archives]
+    known = {archive.name for _, files in [*OFFICIAL.values(), *CORRUPTIONS.values(), CIFAR10_1]
+             for archive in files}  # a mirror's list may name the test sets' files too
     given = {}
     for item in source_sha256.split(","):
         file_name, _, digest = item.strip().rpartition(":")
         if not file_name and len(archives) == 1:
             file_name = names[0]
-        if file_name not in names:
+        if file_name not in known | set(names):
             raise ArchiveError(f"--config.data.source_sha256: {item.strip()!r} names no archive "
                                f"of this dataset; give 'file:sha256' for {', '.join(names)}.")
         given[file_name] = digest.lower()
     return [Archive(a.name, 0, given[a.name]) if a.name in given else a for a in archives]
 
 
-def _fetch(archive: Archive, base_url: str, downloads: str, download: bool,
+def fetch(archive: Archive, base_url: str, downloads: str, download: bool,
            dataset: str) -> str:
     """The verified archive's path: already downloaded (or placed by hand in downloads/ or
     downloads/manual/), else downloaded now."""
     for folder in (downloads, os.path.join(downloads, "manual")):
         path = os.path.join(folder, archive.name)
         if os.path.exists(path):
-            _verify(path, archive, placed=True)
+            verify(path, archive, placed=True)
             return path
     target = os.path.join(downloads, archive.name)
     url = base_url.rstrip("/") + "/" + archive.name
@@ -235,7 +253,7 @@ def _fetch(archive: Archive, base_url: str, downloads: str, download: bool,
     with written_whole(target, "wb") as handle:
         _download(url, handle, archive)
         handle.flush()
-        _verify(handle.name, archive, placed=False)
+        verify(handle.name, archive, placed=False)
     return target
 
 
@@ -269,7 +287,11 @@ def _download(url: str, handle: io.BufferedWriter, archive: Archive) -> None:
                            f"bytes); nothing was kept. Run again.")
 
 
-def _verify(path: str, archive: Archive, placed: bool) -> None:
+def verify(path: str, archive: Archive, placed: bool) -> None:
+    """The file's SHA-256 is the archive's (an archive without a published one, sha256 None,
+    is checked by its reader and recorded there instead)."""
+    if archive.sha256 is None:
+        return
     found = file_sha256(path)
     if found != archive.sha256:
         what = (f"{path} (placed there) has SHA-256 {found}, not the expected "

@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from fpcm_jax import attacks, data, experiment, layers, loading, losses, models, parallel
+from fpcm_jax import (attacks, corruptions, data, experiment, layers, loading, losses, models,
+                      parallel)
 from fpcm_jax import train_step
 
 def check_training(config: ml_collections.ConfigDict) -> None:
@@ -159,7 +160,7 @@ def attack_names(text: str, norm: str = "linf") -> List[str]:
     the threat model `norm`, is a clear error."""
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     for name in names:
-        if name != "autoattack":
+        if name not in ("autoattack", "corruptions"):
             attacks.get(name)  # raises ValueError listing the valid names
             attacks.check_supports(name, norm)
     if not names:
@@ -170,8 +171,11 @@ def attack_names(text: str, norm: str = "linf") -> List[str]:
 def check_evaluation(config: ml_collections.ConfigDict, attack: str,
                      num_examples: Optional[int] = None, batch_size: Optional[int] = None,
                      eps: Optional[float] = None, step_size: Optional[float] = None,
-                     norm: Optional[str] = None) -> List[str]:
+                     norm: Optional[str] = None, split: str = "test",
+                     corruption_names: Optional[Sequence[str]] = None,
+                     severities: Optional[Sequence[int]] = None) -> List[str]:
     """The options of --mode eval; returns the attack names."""
+    _check_corruption_options(config, attack, split, corruption_names, severities)
     given = (norm, eps, step_size)
     norm = config.attack.norm if norm is None else norm
     check_threat_model(norm, eps, step_size, config.data.name)
@@ -188,6 +192,25 @@ def check_evaluation(config: ml_collections.ConfigDict, attack: str,
                              f"{'all examples' if name == '--num_examples' else 'the default'}).")
     parallel.check_batch_size(batch_size or config.eval.batch_size, "--batch_size")
     return names
+
+
+def _check_corruption_options(config, attack: str, split: str,
+                              corruption_names: Optional[Sequence[str]],
+                              severities: Optional[Sequence[int]]) -> None:
+    """--attack corruptions (on the test split of a dataset that has them), --corruptions and
+    --severities only with it, --split cifar10.1 only for CIFAR-10."""
+    asked = "corruptions" in [name.strip().lower() for name in attack.split(",")]
+    if (corruption_names or severities) and not asked:
+        raise ValueError("--corruptions and --severities choose what --attack corruptions "
+                         "evaluates: add corruptions to --attack.")
+    if asked:
+        corruptions.check_request(config.data.name, corruption_names, severities)
+        if split != "test":
+            raise ValueError(f"--attack corruptions corrupts the test split's images; "
+                             f"--split {split} has none (leave --split out).")
+    if split == "cifar10.1" and config.data.name != "cifar10":
+        raise ValueError(f"--split cifar10.1 is a new test set of CIFAR-10; the config's "
+                         f"dataset is {config.data.name}.")
 
 
 def check_analysis(config: ml_collections.ConfigDict, checkpoints: Optional[Sequence[str]],

@@ -19,10 +19,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
-from fpcm_jax import accuracy, attacks, data, experiment, loading, parallel, progress
+from fpcm_jax import (accuracy, attacks, corruption_eval, corruptions, data, experiment, loading,
+                      parallel, plots, progress)
 from fpcm_jax.files import append_json_line, write_json
 
 AUTOATTACK_NAMES = ("autoattack",) + attacks.STANDARD  # run with AutoAttack's bookkeeping
+CORRUPTIONS = "corruptions"  # common corruptions (CIFAR-10-C, CIFAR-100-C), not an attack
+SPLITS = ("test", "validation", "train", "cifar10.1")
 
 
 class PerturbationError(ValueError):
@@ -37,8 +40,8 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
                    step_size: Optional[float] = None,
                    model_overrides: Optional[Dict[str, Any]] = None,
                    allow_fallback: bool = False, norm: Optional[str] = None,
-                   given: Optional[Tuple[Any, Dict[str, Any], Dict[str, Any]]] = None
-                   ) -> Dict[str, Any]:
+                   given: Optional[Tuple[Any, Dict[str, Any], Dict[str, Any]]] = None,
+                   corruption_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report.
 
     The options are those `config_checks.check_evaluation` accepts. The model comes from the
@@ -49,11 +52,13 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
     the norm's usual ones (`attacks.DEFAULT_EPS`, `attacks.DEFAULT_STEP_SIZE`).
     autoattack_options (n_iter, n_queries, n_target_classes) depart from the published parameters: for quick checks only; the report
     records them. given: (model, variables, description) to evaluate instead of a checkpoint
-    (the Python entry point `fpcm_jax.evaluate`).
+    (the Python entry point `fpcm_jax.evaluate_model`). corruption_options: {'names',
+    'severities'} of the `corruptions` evaluation (default: all).
     """
     settings = {**threat_model(config, norm, eps, step_size),
                 "batch_size": batch_size or config.eval.batch_size,
-                "autoattack": dict(autoattack_options or {})}
+                "autoattack": dict(autoattack_options or {}),
+                "corruptions": dict(corruption_options or {})}
     mesh = parallel.make_mesh()
     if given is not None:
         model, variables, info, path = _given_model(config, *given, mesh)
@@ -61,12 +66,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         model, variables, info, path = _load_for_dataset(config, checkpoint_path or workdir,
                                                          mesh, model_overrides, allow_fallback)
     subset = _subset(config, split, num_examples)
-    report = {"model": {**experiment.complete(info), "dtype": config.model.dtype},
-              "checkpoint": path, "checkpoint_info": info, "dataset": config.data.name,
-              "split": split, "examples": len(subset), "norm": settings["norm"],
-              "eps": settings["eps"], "seed": seed,
-              "batch_size": settings["batch_size"], "devices": jax.device_count(),
-              "processes": jax.process_count(), "attacks": {}, "warnings": []}
+    report = _new_report(config, info, path, split, len(subset), settings, seed, attack_names)
     report_path = os.path.join(workdir, report_name(report, attack_names,
                                                     settings["step_size"]))
     main = parallel.is_main_process()
@@ -77,6 +77,9 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         if name in AUTOATTACK_NAMES:
             entry = _run_autoattack(name, model, variables, subset, attack_key, settings, mesh,
                                     report, report_path)
+        elif name == CORRUPTIONS:
+            entry = _run_corruptions(config, model, variables, subset, attack_key, settings,
+                                     mesh, report, report_path)
         else:
             entry = _run_attack(name, model, variables, subset, attack_key, settings, mesh)
         entry["seconds"] = round(time.time() - start, 2)
@@ -86,8 +89,44 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
             _write_partial(report_path, report)
     if main:
         _print_table(report)
+        if CORRUPTIONS in report["attacks"]:
+            report["figures"] = plots.corruption_figures(
+                {info.get("name", "model"): report["attacks"][CORRUPTIONS]},
+                report_path[:-len(".json")] + ".png")
         report["report_path"] = _write_report(report_path, report)
     return report
+
+
+def _new_report(config, info: Dict[str, Any], path: str, split: str, examples: int,
+                settings: Dict[str, Any], seed: int, attack_names: List[str]) -> Dict[str, Any]:
+    """The report's fields before any attack has run."""
+    report = {"model": {**experiment.complete(info), "dtype": config.model.dtype},
+              "checkpoint": path, "checkpoint_info": info, "dataset": config.data.name,
+              "split": split, "examples": examples, "norm": settings["norm"],
+              "eps": settings["eps"], "seed": seed,
+              "batch_size": settings["batch_size"], "devices": jax.device_count(),
+              "processes": jax.process_count(), "attacks": {}, "warnings": []}
+    if CORRUPTIONS in attack_names:
+        names, severities = corruptions.check_request(
+            config.data.name, settings["corruptions"].get("names"),
+            settings["corruptions"].get("severities"))
+        report["corruptions"] = {"names": list(names), "severities": list(severities)}
+    return report
+
+
+def _run_corruptions(config, model, variables, subset: data.Split, key, settings, mesh,
+                     report: Dict[str, Any], report_path: str) -> Dict[str, Any]:
+    """Accuracy under each corruption and severity (`corruption_eval`); after each corruption,
+    what is done goes into the partial report."""
+    names, severities = report["corruptions"]["names"], report["corruptions"]["severities"]
+
+    def after_each(entry):
+        if parallel.is_main_process():
+            report["attacks"][CORRUPTIONS] = {**entry, "complete": False}
+            _write_partial(report_path, report)
+
+    return corruption_eval.evaluate(config, model, variables, subset, names, severities,
+                                    settings["batch_size"], key, mesh, after_each)
 
 
 def threat_model(config, norm: Optional[str], eps: Optional[float],
@@ -137,9 +176,16 @@ def _given_model(config, model, variables, description: Dict[str, Any], mesh):
 
 
 def _subset(config, split: str, num_examples: Optional[int]) -> data.Split:
-    """The first `num_examples` (default all) of a split of the config's dataset."""
-    train_split, val_split, test_split = data.load_for(config)
-    chosen = {"test": test_split, "validation": val_split, "train": train_split}[split]
+    """The first `num_examples` (default all) of a split of the config's dataset (or
+    CIFAR-10.1, a new test set of CIFAR-10)."""
+    if split == "cifar10.1":
+        settings = config.data
+        chosen = data.Split(*corruptions.cifar10_1(settings.data_dir, settings.download,
+                                                   settings.source_url,
+                                                   settings.source_sha256))
+    else:
+        train_split, val_split, test_split = data.load_for(config)
+        chosen = {"test": test_split, "validation": val_split, "train": train_split}[split]
     count = len(chosen) if num_examples is None else min(num_examples, len(chosen))
     return data.Split(chosen.images[:count], chosen.labels[:count])
 
@@ -251,8 +297,18 @@ def report_name(report: Dict[str, Any], attack_names: List[str], step_size: floa
         scaled = value * 255
         return f"{round(scaled)}-255" if abs(scaled - round(scaled)) < 1e-6 else f"{value:.6g}"
 
-    parts = ["eval", report["split"], "_".join(attack_names),
-             f"{report['norm']}-eps{number(report['eps'])}"]
+    request = report.get("corruptions")
+    if request:  # only what differs from all corruptions, all severities
+        names = [CORRUPTIONS + ("-" + "+".join(request["names"])
+                                if tuple(request["names"]) != corruptions.ALL else "") +
+                 ("-s" + "".join(map(str, request["severities"]))
+                  if tuple(request["severities"]) != corruptions.SEVERITIES else "")
+                 if name == CORRUPTIONS else name for name in attack_names]
+    else:
+        names = attack_names
+    parts = ["eval", report["split"], "_".join(names)]
+    if set(attack_names) != {CORRUPTIONS}:  # a threat model applies
+        parts.append(f"{report['norm']}-eps{number(report['eps'])}")
     if any(attacks.takes_step_size(name) for name in attack_names):
         parts.append(f"step{number(step_size)}")
     parts.append(f"n{report['examples']}")
@@ -285,8 +341,29 @@ def _print_table(report: Dict[str, Any]) -> None:
         print(f"{name:<12} {100 * entry['clean_acc']:>7.2f}% {100 * entry['robust_acc']:>7.2f}% "
               f"{entry.get('max_perturbation', 0.0):>10.5f} {entry['seconds']:>9.1f} "
               f"{entry['images_per_second']:>8.2f}")
+    if CORRUPTIONS in report["attacks"]:
+        _print_corruptions(report["attacks"][CORRUPTIONS])
     for warning in report["warnings"]:
         print(f"warning: {warning}")
+
+
+def _print_corruptions(entry: Dict[str, Any]) -> None:
+    """One row per corruption (accuracy per severity, the perturbation's mean radius), then
+    the means; `robust` above is the standard corruptions' mean."""
+    severities = [str(s) for s in entry["severities"]]
+    print(f"\n{'corruption':<18} " + " ".join(f"{'s' + s:>7}" for s in severities) +
+          f" {'mean':>7} {'radius':>7}")
+    for name, cells in entry["cells"].items():
+        values = [cells[s]["accuracy"] for s in severities]
+        radius = np.mean([cells[s]["mean_radius"] for s in severities])
+        print(f"{name:<18} " + " ".join(f"{100 * v:>6.2f}%" for v in values) +
+              f" {100 * np.mean(values):>6.2f}% {radius:>7.3f}")
+    for label, key in (("standard (15) mean", "mean_standard"), ("extra (4) mean", "mean_extra")):
+        if entry.get(key) is not None:
+            print(f"{label}: {100 * entry[key]:.2f}%")
+    for group, values in entry["frequency_groups"].items():
+        print(f"{group}-frequency half ({', '.join(values['corruptions'])}): "
+              f"{100 * values['accuracy']:.2f}%")
 
 
 HISTORY_FILE = "evaluations.jsonl"

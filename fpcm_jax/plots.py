@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import json
 import math
@@ -180,3 +180,41 @@ def report_curves(runs: List[Tuple[str, int, Dict[str, List[float]]]], attack: s
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def corruption_figures(entries: Dict[str, Dict[str, Any]], out_path: Optional[str] = None):
+    """Common corruptions seen through frequency (`corruption_eval` entries, one per model):
+    left, accuracy against the perturbation's mean radius for every corruption and severity,
+    one line per model (sorted by radius; Yin et al.'s view); right, one corruption x severity
+    heat map per model. Written to out_path (PNG), which is returned; without out_path, the
+    PNG's bytes."""
+    models = list(entries)
+    figure, axes = _figure((6 + 4.2 * len(models), 4.8), 1, 1 + len(models), squeeze=False)
+    line_axis = axes[0][0]
+    for index, (label, entry) in enumerate(entries.items()):
+        points = sorted((cell["mean_radius"], cell["accuracy"])
+                        for cells in entry["cells"].values() for cell in cells.values())
+        line_axis.plot([p[0] for p in points], [p[1] for p in points], marker=".",
+                       color=f"C{index % 10}", label=label)
+    line_axis.set_xlabel("perturbation mean radius (cycles/pixel)")
+    line_axis.set_ylabel("accuracy")
+    line_axis.set_title("accuracy vs. where the corruption's energy lies")
+    if models:
+        line_axis.legend(fontsize=8)
+    for axis, (label, entry) in zip(axes[0][1:], entries.items()):
+        names = list(entry["cells"])
+        severities = [str(s) for s in entry["severities"]]
+        grid = np.array([[entry["cells"][n][s]["accuracy"] for s in severities] for n in names])
+        image = axis.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        axis.set_xticks(range(len(severities)), severities)
+        axis.set_yticks(range(len(names)), names, fontsize=7)
+        axis.set_xlabel("severity")
+        axis.set_ylabel("corruption")
+        axis.set_title(label, fontsize=9)
+        figure.colorbar(image, ax=axis, label="accuracy")
+    if out_path is None:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        return buffer.getvalue()
+    figure.savefig(out_path, dpi=90, bbox_inches="tight")
+    return out_path

@@ -38,12 +38,19 @@ from fpcm_jax.files import written_whole
 RUN_FILE, SUMMARY_FILE, CONFIG_FILE = "run.json", "summary.json", run_record.CONFIG_FILE
 EVALUATIONS_FILE, METRICS_FILE = "evaluations.jsonl", "metrics.jsonl"
 OUTPUT_FILES = ("report.md", "report.csv", "report.json", "report_curves.png")
+CORRUPTIONS_FIGURE = "report_corruptions.png"
 
 ATTACK_ORDER = ("clean", "fgsm", "fgm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square",
-                "autoattack")
+                "autoattack", "corruptions", "corruptions-low", "corruptions-high",
+                "corruptions-extra")
 ATTACK_NAMES = {"clean": "clean", "fgsm": "FGSM", "fgm": "FGM", "pgd": "PGD-{}", "cw": "CW-{}",
                 "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",
-                "autoattack": "AutoAttack"}
+                "autoattack": "AutoAttack", "corruptions": "corruptions mean",
+                "corruptions-low": "low-freq. corruptions",
+                "corruptions-high": "high-freq. corruptions",
+                "corruptions-extra": "extra corruptions"}
+# A corruption evaluation's figures: its entry's field -> the column's attack name.
+CORRUPTION_FIGURES = {"mean_standard": "corruptions", "mean_extra": "corruptions-extra"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +125,7 @@ class Run:
     settings_from: str                # config.json, or run.json for runs from before it
     cells: Dict[Column, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     curves: Dict[str, List[float]] = dataclasses.field(default_factory=dict)
+    corruptions: Optional[Dict[str, Any]] = None  # the latest corruption evaluation's entry
     warnings: List[str] = dataclasses.field(default_factory=list)
     name: str = ""                    # the directory's name, or its path where names repeat
 
@@ -228,12 +236,32 @@ def _add_evaluation(run: Run, report: Dict[str, Any]) -> None:
                                                                **cell}
         if name == "none":
             continue
+        if name == "corruptions":
+            _add_corruptions(run, entry, weights, split, cell)
+            continue
         parameters = entry.get("parameters", {})
         version = str(parameters.get("version", "standard"))
         column = Column(name, weights, examples, split, report.get("norm", "linf"),
                         report.get("eps"), parameters.get("step_size"),
                         "" if version == "standard" else version)
         run.cells[column] = {"value": entry["robust_acc"], **cell}
+
+
+def _add_corruptions(run: Run, entry: Dict[str, Any], weights: str, split: str,
+                     cell: Dict[str, Any]) -> None:
+    """The corruption means (standard, extra) and the frequency halves' means, each a column
+    (its version names the severities when not all five)."""
+    version = ("" if entry.get("severities") == [1, 2, 3, 4, 5] else
+               f"severities {','.join(map(str, entry.get('severities', [])))}")
+    figures = {attack: entry.get(key) for key, attack in CORRUPTION_FIGURES.items()}
+    for group, values in entry.get("frequency_groups", {}).items():
+        figures[f"corruptions-{group}"] = values.get("accuracy")
+    for attack, value in figures.items():
+        if value is not None:
+            column = Column(attack, weights, entry.get("examples_per_cell"), split,
+                            version=version)
+            run.cells[column] = {"value": value, **cell}
+    run.corruptions = entry
 
 
 def group_runs(runs: Sequence[Run]) -> List[List[Run]]:
@@ -314,9 +342,12 @@ def write_report(checkpoints: Sequence[str], workdir: str) -> Dict[str, Any]:
                     [(run.name, group_index, run.curves) for group_index, group
                      in enumerate(group_runs(runs)) for run in group],
                     _validation_attack(runs))}
+    evaluated = {run.name: run.corruptions for run in runs if run.corruptions}
+    if evaluated:  # beside the table: the runs' corruption accuracy against frequency
+        contents[CORRUPTIONS_FIGURE] = plots.corruption_figures(evaluated)
     os.makedirs(workdir, exist_ok=True)
     table["files"] = []
-    for name in OUTPUT_FILES:
+    for name in [*OUTPUT_FILES, *([CORRUPTIONS_FIGURE] if evaluated else [])]:
         path = os.path.join(workdir, name)
         content = contents[name]
         with written_whole(path, "wb") as handle:  # UTF-8 (±) whatever the locale

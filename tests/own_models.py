@@ -131,3 +131,16 @@ class ExtraCollection(nn.Module):
 
 
 NOT_A_MODEL = 42
+
+
+class ReadsMarker(nn.Module):
+    """Predicts the class written into pixel (0, 0, red) as 16 * class + 8 (uint8): corrupted
+    test images built with a known number of right markers give known accuracies."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, progress: Any = 1.0):
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
+        marker = jnp.floor(jnp.round(x[:, 0, 0, 0] * 255.0) / 16.0).astype(jnp.int32)
+        return bias + 10.0 * jax.nn.one_hot(marker, self.num_classes)

@@ -52,16 +52,23 @@ def cifar10_archive(seed):
 class Server:
     """/good/, /truncated/ (announces the full length, sends half), /other/ (another archive)
     and /slow/ (the good one in 10 parts 0.08 s apart) each serve cifar-10-binary.tar.gz;
-    `requests` counts what was asked."""
+    /files/<name> serves files[name] (a mirror of several files); `requests` counts what was
+    asked."""
 
-    def __init__(self, good, other):
+    def __init__(self, good, other, files=None):
         self.requests = []
         server_self = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server_self.requests.append(self.path)
-                kind = self.path.strip("/").split("/")[0]
+                kind, _, name = self.path.strip("/").partition("/")
+                if kind == "files" and name in (files or {}):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(files[name])))
+                    self.end_headers()
+                    self.wfile.write(files[name])
+                    return
                 body = {"good": good, "truncated": good, "other": other, "slow": good}.get(kind)
                 if body is None or not self.path.endswith("cifar-10-binary.tar.gz"):
                     self.send_error(404)
