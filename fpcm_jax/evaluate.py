@@ -83,7 +83,9 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         else:
             entry = _run_attack(name, model, variables, subset, attack_key, settings, mesh)
         entry["seconds"] = round(time.time() - start, 2)
-        entry["images_per_second"] = round(len(subset) / max(entry["seconds"], 1e-9), 2)
+        images = (len(subset) if name != CORRUPTIONS else entry["examples_per_cell"] *
+                  (1 + sum(len(cells) for cells in entry["cells"].values())))
+        entry["images_per_second"] = round(images / max(entry["seconds"], 1e-9), 2)
         report["attacks"][name] = entry
         if main and index + 1 < len(attack_names):
             _write_partial(report_path, report)

@@ -38,6 +38,13 @@ def snapshot(directory):
     (["--mode", "eval", "--batch_size", "0"], "--batch_size=0 must be positive"),
     (["--mode", "analyze", "--checkpoints", "runs/none"], "pass --checkpoints PATH"),
     (["--mode", "report", "--checkpoints", "runs/none"], "runs/none does not exist"),
+    (["--config.attack.norm=l2"], "the usual linf value: give the l2 radius and step too"),
+    (["--config.model.name=no_such_package.nets:Net"], "cannot import the model"),
+    (["--mode", "eval", "--attack", "corruptions"], "digits has none"),
+    (["--mode", "eval", "--attack", "corruptions", "--config.data.name=cifar10",
+      "--severities", "1,7"], "--severities: 7 is not a severity"),
+    (["--mode", "eval", "--attack", "corruptions", "--config.data.name=cifar10",
+      "--corruptions", "fogg"], "unknown corruption 'fogg'"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, args, message):
     workdir = tmp_path / "run"

@@ -236,3 +236,27 @@ def test_fixed_alpha_gives_that_mix_of_low_and_high_frequencies(alpha):
 def test_fixed_alpha_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match="fixed_alpha=1.5 must lie in"):
         FPCM(fixed_alpha=1.5).init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+
+
+def test_fixed_alpha_as_a_model_option():
+    """--config.model.fpcm_alpha: every FPCM of the model mixes at that alpha, without
+    projection parameters; the run describes it, and its export is refused."""
+    from conftest import tiny_config
+    from fpcm_jax import experiment, export, models
+
+    config = tiny_config(model__fpcm_alpha=0.7)
+    description = experiment.describe(config)
+    assert description["fpcm_alpha"] == 0.7
+    model, _ = experiment.build(config)
+    params = models.variables_template(model)["params"]
+    assert [name for name in params if name.startswith("attn")] == []  # no projection
+    _, state = model.apply(models.init_variables(model, jax.random.key(0)),
+                           jnp.ones((2, 32, 32, 3)), mutable=["intermediates"])
+    alphas = layers.alphas_in(state)
+    assert sorted(alphas) == ["attn1", "attn2", "attn3", "attn4"]
+    for value in alphas.values():
+        np.testing.assert_array_equal(value, np.float32(0.7))
+    with pytest.raises(ValueError, match="fpcm_alpha=1.5 must lie in"):
+        experiment.check_options({**description, "fpcm_alpha": 1.5})
+    with pytest.raises(ValueError, match="official PyTorch classes always learn alpha"):
+        export._check_exportable(description, "runs/fixed")
