@@ -71,6 +71,7 @@ def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
     """A model given by import path: the path, the keyword arguments its factory is called
     with, the dataset and where its code came from (`imported.code_fingerprint`)."""
     name = model_fields["name"]
+    factory = imported.resolve(name)
     changed = [f"{field}={model_fields.get(field)!r}" for field, default in
                REGISTRY_FIELDS.items() if normalized_field(model_fields.get(field)) != default]
     if changed:
@@ -79,7 +80,6 @@ def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
                          f"field, e.g. in your config file).")
     num_classes = data.get_spec(dataset).num_classes
     kwargs = imported.plain_kwargs(kwargs, "config.model.kwargs")
-    factory = imported.resolve(name)
     return {"name": name, "kwargs": imported.call_kwargs(factory, kwargs, num_classes),
             "num_classes": num_classes, "dataset": dataset,
             "code": imported.code_fingerprint(name)}

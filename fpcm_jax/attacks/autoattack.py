@@ -129,7 +129,8 @@ def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
                                 clean_logits) if count else []
     result = {"examples": count, "eps": call.eps, "norm": call.norm, "clean_flags": robust.copy(),
               "clean_accuracy": _fraction(robust), "flags_after": {}, "accuracy_after": {},
-              "seconds": {}, "warnings": warnings}
+              "seconds": {}, "warnings": warnings,
+              "randomised": any(w.startswith(RANDOMISED) for w in warnings)}
     return result, robust
 
 
@@ -224,27 +225,34 @@ def check_consistency(call: _Call, result: Dict[str, Any]) -> Dict[str, Any]:
     point is classified correctly clean and at its x_adv (which is then x itself); a point
     counted fooled is misclassified at its x_adv; a point misclassified clean is not robust;
     every x_adv lies in the eps-ball around x and in [0, 1]. Returns what was checked; a
-    `ConsistencyError` names the first disagreement."""
+    `ConsistencyError` names the first disagreement. For a model whose output varies between
+    identical passes (result["randomised"]) a second classification may differ: those
+    disagreements are counted in the returned dict instead; the ball and the box still raise."""
     clean, robust, x_adv = result["clean_flags"], result["robust_flags"], result["x_adv"]
     correct_at_adv = _logits_of(call, x_adv).argmax(1) == call.y
-    problems = [(robust & ~clean, "counted robust but misclassified clean"),
+    verdicts = [(robust & ~clean, "counted robust but misclassified clean"),
                 (robust & ~correct_at_adv, "counted robust but misclassified at its x_adv"),
                 (clean & ~robust & correct_at_adv,
                  "counted fooled but classified correctly at its x_adv")]
     distances = np.asarray(norms(x_adv - call.x, call.norm)) if len(x_adv) else np.zeros(0)
-    problems.append((distances > ball_limit(call.eps),
-                     f"x_adv outside the {call.norm} ball of radius {call.eps:.6g}"))
-    problems.append(((x_adv < 0).reshape(len(x_adv), -1).any(1) |
-                     (x_adv > 1).reshape(len(x_adv), -1).any(1), "x_adv outside [0, 1]"))
-    for flags, what in problems:
+    geometry = [(distances > ball_limit(call.eps),
+                 f"x_adv outside the {call.norm} ball of radius {call.eps:.6g}"),
+                ((x_adv < 0).reshape(len(x_adv), -1).any(1) |
+                 (x_adv > 1).reshape(len(x_adv), -1).any(1), "x_adv outside [0, 1]")]
+    randomised = result.get("randomised", False)
+    for flags, what in geometry + ([] if randomised else verdicts):
         if np.any(flags):
             points = np.flatnonzero(flags)
             raise ConsistencyError(
                 f"AutoAttack's result is inconsistent: {len(points)} point(s) {what} (first: "
                 f"index {points[0]}); its robust accuracy cannot be trusted. This is a bug in "
                 f"the attack or a model whose output changes between identical calls.")
-    return {"reclassified": int(len(x_adv)), "robust_at_x_adv": int(np.sum(robust)),
-            "fooled_at_x_adv": int(np.sum(clean & ~robust)), "inside_ball_and_box": True}
+    checked = {"reclassified": int(len(x_adv)), "robust_at_x_adv": int(np.sum(robust)),
+               "fooled_at_x_adv": int(np.sum(clean & ~robust)), "inside_ball_and_box": True}
+    if randomised:
+        checked["randomised_model_disagreements"] = int(np.sum(
+            verdicts[0][0] | verdicts[1][0] | verdicts[2][0]))
+    return checked
 
 
 # Compiled stages per logits_fn(params, x): the weights are arguments, so a second evaluation
@@ -271,6 +279,9 @@ def _run_stage(apply, stage, params, x, y, indices, shared_key_data, target_rank
     return stage(lambda inputs: apply(params, inputs), x, y, keys, shared_key, target_rank)
 
 
+RANDOMISED = "The model's output varies between identical passes"
+
+
 def _output_warnings(predict, x_batch, clean_logits) -> List[str]:
     """The reference sanity checks on the model's outputs (predict(x) -> numpy logits)."""
     warnings = []
@@ -279,7 +290,7 @@ def _output_warnings(predict, x_batch, clean_logits) -> List[str]:
     differs = any(np.any(p.argmax(1) != passes[0].argmax(1)) for p in passes)
     max_diff = max(float(np.linalg.norm(a - b, axis=1).max()) for a in unit for b in unit)
     if differs or max_diff > 1e-4:
-        warnings.append("The model's output varies between identical passes: it looks "
+        warnings.append(RANDOMISED + ": it looks "
                         "randomised, and AutoAttack's standard version does not evaluate "
                         "randomised defences reliably (use expectation over transformation).")
     if (clean_logits.max() < 1 + 1e-5 and clean_logits.min() > -1e-5 and
