@@ -34,9 +34,17 @@ from fpcm_jax.checkpoint import path_name  # noqa: E402
 from official_weights import synthetic_state_dict  # noqa: E402
 
 
-# The longest files start first, one per worker (pytest.ini runs two, a file each at a time),
-# so that the rest fills in around them instead of one of them running alone at the end.
-LONGEST_FILES = ("test_multiprocess.py", "test_learning.py")
+# Files in decreasing order of their measured time (2-core CPU, 2026-12-03; seconds per file
+# with two workers: multiprocess ~560, train ~250, learning ~230, frameworks ~165, then
+# 90-140 each, then under 60), so that the longest start first and the short ones fill in
+# around them instead of one long file running alone at the end. pytest.ini turns off
+# xdist's own reordering (by number of tests per file), which would undo this order.
+LONGEST_FILES = ("test_multiprocess.py", "test_train.py", "test_learning.py",
+                 "test_frameworks.py", "test_convert.py", "test_own_model.py",
+                 "test_integrity.py", "test_analysis.py", "test_models.py", "test_evaluate.py",
+                 "test_cli.py", "test_l2_runs.py", "test_train_rules.py",
+                 "test_counting_rules.py", "test_report.py", "test_run_record.py",
+                 "test_autoattack_checks.py", "test_readme.py", "test_data.py")
 
 
 def pytest_collection_modifyitems(config, items):
