@@ -185,33 +185,37 @@ def report_curves(runs: List[Tuple[str, int, Dict[str, List[float]]]], attack: s
 def corruption_figures(entries: Dict[str, Dict[str, Any]], out_path: Optional[str] = None):
     """Common corruptions seen through frequency (`corruption_eval` entries, one per model):
     left, accuracy against the perturbation's mean radius for every corruption and severity,
-    one line per model (sorted by radius; Yin et al.'s view); right, one corruption x severity
-    heat map per model. Written to out_path (PNG), which is returned; without out_path, the
+    a colour per model (Yin et al.'s view); right, one corruption x severity heat map per model
+    (the corruptions named on the first), one colour bar for all. Written to out_path (PNG), which is returned; without out_path, the
     PNG's bytes."""
     models = list(entries)
-    figure, axes = _figure((6 + 4.2 * len(models), 4.8), 1, 1 + len(models), squeeze=False)
-    line_axis = axes[0][0]
+    figure, axes = _figure((6 + 3.2 * len(models) + 1, 4.8), 1, 1 + len(models), squeeze=False,
+                           gridspec_kw={"width_ratios": [6] + [3.2] * len(models)})
+    figure.subplots_adjust(wspace=0.3)
+    scatter_axis = axes[0][0]
     for index, (label, entry) in enumerate(entries.items()):
-        points = sorted((cell["mean_radius"], cell["accuracy"])
-                        for cells in entry["cells"].values() for cell in cells.values())
-        line_axis.plot([p[0] for p in points], [p[1] for p in points], marker=".",
-                       color=f"C{index % 10}", label=label)
-    line_axis.set_xlabel("perturbation mean radius (cycles/pixel)")
-    line_axis.set_ylabel("accuracy")
-    line_axis.set_title("accuracy vs. where the corruption's energy lies")
+        points = [(cell["mean_radius"], cell["accuracy"])
+                  for cells in entry["cells"].values() for cell in cells.values()]
+        scatter_axis.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.7,
+                             color=f"C{index % 10}", label=label)
+    scatter_axis.set_xlabel("perturbation mean radius (cycles/pixel)")
+    scatter_axis.set_ylabel("accuracy")
+    scatter_axis.set_title("accuracy vs. where the corruption's energy lies", fontsize=10)
     if models:
-        line_axis.legend(fontsize=8)
-    for axis, (label, entry) in zip(axes[0][1:], entries.items()):
+        scatter_axis.legend(fontsize=8)
+    image = None
+    for index, (axis, (label, entry)) in enumerate(zip(axes[0][1:], entries.items())):
         names = list(entry["cells"])
         severities = [str(s) for s in entry["severities"]]
         grid = np.array([[entry["cells"][n][s]["accuracy"] for s in severities] for n in names])
         image = axis.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         axis.set_xticks(range(len(severities)), severities)
-        axis.set_yticks(range(len(names)), names, fontsize=7)
+        # Names on the first heat map only: the rows are the same corruptions in every one.
+        axis.set_yticks(range(len(names)), names if index == 0 else [], fontsize=7)
         axis.set_xlabel("severity")
-        axis.set_ylabel("corruption")
         axis.set_title(label, fontsize=9)
-        figure.colorbar(image, ax=axis, label="accuracy")
+    if image is not None:
+        figure.colorbar(image, ax=list(axes[0][1:]), label="accuracy", fraction=0.03)
     if out_path is None:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
