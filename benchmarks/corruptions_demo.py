@@ -31,6 +31,7 @@ from scipy import ndimage
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from fpcm_jax import corruptions, data  # noqa: E402
+from corruptions_memory import add_npy  # noqa: E402  (this folder is on sys.path)
 
 
 def blur(x, sigma):
@@ -131,12 +132,7 @@ def write_archives(downloads, seed=0):
                    for name in corruptions.ALL}
         members[corruptions.LABELS] = np.tile(test_labels.astype(np.int64), 5)
         for name, array in members.items():
-            buffer = io.BytesIO()
-            np.save(buffer, array)
-            info = tarfile.TarInfo(f"CIFAR-10-C/{name}.npy")
-            info.size = buffer.tell()
-            buffer.seek(0)
-            tar.addfile(info, buffer)
+            add_npy(tar, f"CIFAR-10-C/{name}.npy", array)
     digest = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()
     return f"cifar-10-binary.tar.gz:{digest(cifar)},CIFAR-10-C.tar:{digest(corrupted)}"
 

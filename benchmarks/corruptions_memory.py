@@ -64,12 +64,17 @@ def write_corruptions(path, labels, rng):
                 array = np.tile(labels.astype(np.int64), 5)
             else:
                 array = np.concatenate([np.roll(block, s, axis=0) for s in range(5)])
-            buffer = io.BytesIO()
-            np.save(buffer, array)
-            info = tarfile.TarInfo(f"CIFAR-10-C/{name}.npy")
-            info.size = buffer.tell()
-            buffer.seek(0)
-            tar.addfile(info, buffer)
+            add_npy(tar, f"CIFAR-10-C/{name}.npy", array)
+
+
+def add_npy(tar, path, array):
+    """`array` as a .npy member `path` of an open tar (the layout of CIFAR-10-C.tar)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    info = tarfile.TarInfo(path)
+    info.size = buffer.tell()
+    buffer.seek(0)
+    tar.addfile(info, buffer)
 
 
 def main():
