@@ -186,8 +186,8 @@ def corruption_figures(entries: Dict[str, Dict[str, Any]], out_path: Optional[st
     """Common corruptions seen through frequency (`corruption_eval` entries, one per model):
     left, accuracy against the perturbation's mean radius for every corruption and severity,
     a colour per model (Yin et al.'s view); right, one corruption x severity heat map per model
-    (the corruptions named on the first), one colour bar for all. Written to out_path (PNG), which is returned; without out_path, the
-    PNG's bytes."""
+    (the corruptions named on the first), one colour bar for all. Written to out_path (PNG),
+    which is returned; without out_path, the PNG's bytes."""
     models = list(entries)
     figure, axes = _figure((6 + 3.2 * len(models) + 1, 4.8), 1, 1 + len(models), squeeze=False,
                            gridspec_kw={"width_ratios": [6] + [3.2] * len(models)})
