@@ -118,4 +118,7 @@ def get_config():
     config.eval.use_ema = True              # with train.ema_decay > 0: validate, select, test
                                             # and save best models with the EMA weights
     config.eval.attack_steps = 10           # validation PGD during training
+    config.eval.autoattack_fitted_batches = True  # AutoAttack pads a stage's last batch only to
+                                            # a power of two that fits it (False: to batch_size,
+                                            # one compiled shape per stage); same results
     return config

@@ -58,6 +58,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
     settings = {**threat_model(config, norm, eps, step_size),
                 "batch_size": batch_size or config.eval.batch_size,
                 "autoattack": dict(autoattack_options or {}),
+                "fitted_batches": config.eval.get("autoattack_fitted_batches", True),
                 "corruptions": dict(corruption_options or {})}
     mesh = parallel.make_mesh()
     if given is not None:
@@ -254,7 +255,8 @@ def _run_autoattack(name: str, model, variables, subset: data.Split, key, settin
                                 batch_size=settings["batch_size"],
                                 put=lambda array: parallel.global_array(array, sharded),
                                 fetch=parallel.fetch, progress=component_done,
-                                on_batch=bars.update, norm=norm, **changed)
+                                on_batch=bars.update, norm=norm,
+                                fitted_batches=settings["fitted_batches"], **changed)
     x_adv = result["x_adv"]
     outside = float(np.max(np.maximum(-x_adv, x_adv - 1.0))) if len(x_adv) else 0.0
     check_perturbation(name, settings, result["max_perturbation"], max(outside, 0.0))

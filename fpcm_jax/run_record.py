@@ -46,6 +46,8 @@ HOW_RUN = {
     "logging": "what is logged (TensorBoard, alpha histograms, curves.png)",
     "analysis": "read by --mode analyze only, never by training",
     "attack.loop": "unrolled or lax.fori_loop: the same attack steps",
+    "eval.autoattack_fitted_batches": "the shapes AutoAttack's batches are padded to: the same "
+                                      "points and randomness",
     "model.fpcm_lowpass": "fft or matmul: the same filter",
     "data.data_dir": "where the dataset is read from; the images are the same",
     "data.download": "how a missing dataset is obtained",

@@ -245,7 +245,8 @@ MAY_CHANGE_ON_RESUME = {
     "logging.tensorboard", "logging.alpha_examples", "logging.curves",
     "analysis.num_examples", "analysis.bands", "analysis.noise_l2_norm",
     "analysis.filter_steps", "analysis.heatmap_examples", "analysis.heatmap_l2_norm",
-    "analysis.feature_examples", "attack.loop", "model.fpcm_lowpass", "data.data_dir",
+    "analysis.feature_examples", "attack.loop", "eval.autoattack_fitted_batches",
+    "model.fpcm_lowpass", "data.data_dir",
     "data.download", "data.source_url", "data.source_sha256", "data.prepare", "multihost"}
 
 

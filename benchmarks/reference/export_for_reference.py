@@ -45,9 +45,16 @@ def main():
     chosen = dict(zip(["train", "validation", "test"], splits))[args.split]
     x = data.to_float(chosen.images[:args.num_examples])
     logits = model.apply(variables, x, train=False, progress=1.0)
+    write_export(args.out, variables, x, chosen.labels[:args.num_examples], info["num_classes"],
+                 logits)
+
+
+def write_export(path, variables, x, y, num_classes, logits):
+    """The npz the reference scripts read: the weights in the official layout (`state/<name>`),
+    the points x (NHWC in [0, 1]), labels y, and fpcm-jax's logits on them."""
     state = {f"state/{k}": v for k, v in convert.to_official(variables).items()}
-    np.savez(args.out, x=np.asarray(x), y=chosen.labels[:args.num_examples],
-             num_classes=info["num_classes"], jax_logits=np.asarray(logits), **state)
+    np.savez(path, x=np.asarray(x), y=np.asarray(y), num_classes=num_classes,
+             jax_logits=np.asarray(logits), **state)
     print(f"Wrote {args.out}: {len(state)} tensors, {len(x)} points.")
 
 

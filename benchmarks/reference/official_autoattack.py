@@ -18,7 +18,7 @@ official FPCM repository (for its model classes; nothing of it is copied here):
         --flags-out official_flags.npz
 
 Prints one JSON line: clean accuracy, PGD-20/50 (torchattacks) and AutoAttack per component
-with its largest perturbation; --flags-out writes each point's robust flag after each AutoAttack
+(robust accuracy and seconds, from the package's log) with its largest perturbation; --flags-out writes each point's robust flag after each AutoAttack
 component (for `compare_autoattack.py`, which runs fpcm-jax's AutoAttack on the same points).
 """
 
@@ -101,10 +101,10 @@ def main():
               float(np.abs(logits.numpy() - archive["jax_logits"]).max()),
               "clean_acc": float((logits.argmax(1) == y).float().mean())}
 
-    import torchattacks
-    step = args.step or (2 / 255 if args.norm == "linf" else 0.1)
-    pgd_class = torchattacks.PGD if args.norm == "linf" else torchattacks.PGDL2
     for steps in () if args.skip_pgd else (20, 50):
+        import torchattacks  # only for PGD: AutoAttack alone needs no torchattacks
+        step = args.step or (2 / 255 if args.norm == "linf" else 0.1)
+        pgd_class = torchattacks.PGD if args.norm == "linf" else torchattacks.PGDL2
         torch.manual_seed(0)
         attack = pgd_class(model, eps=args.eps, alpha=step, steps=steps, random_start=True)
         start = time.time()
@@ -130,10 +130,16 @@ def main():
     if isinstance(x_adv, tuple):  # pyautoattack 0.2 returns (x_adv, ...)
         x_adv = x_adv[0]
     print(log.getvalue(), file=sys.stderr, flush=True)
-    for line in log.getvalue().splitlines():  # "robust accuracy after APGD-CE: 50.00% (...)"
-        match = re.search(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%", line)
+    previous_total = 0.0
+    for line in log.getvalue().splitlines():
+        # "robust accuracy after APGD-CE: 50.00% (total time 12.3 s)"
+        match = re.search(r"robust accuracy after ([A-Z-]+): ([0-9.]+)% \(total time ([0-9.]+)",
+                          line)
         if match:
-            result[f"autoattack_after_{match.group(1).lower()}"] = float(match.group(2)) / 100
+            name, total = match.group(1).lower(), float(match.group(3))
+            result[f"autoattack_after_{name}"] = float(match.group(2)) / 100
+            result[f"autoattack_seconds_{name}"] = round(total - previous_total, 1)
+            previous_total = total
     with torch.no_grad():
         robust = (model(x_adv).argmax(1) == y)
     result["autoattack_acc"] = float(robust.float().mean())

@@ -18,7 +18,10 @@ import jax.numpy as jnp
 # its length (PGD-20: 9 s, 1.4 GB; PGD-50: 24 s, 1.8 GB; APGD-100 or FAB-100, whose bodies
 # are larger: minutes and about 10 GB). So on CPU gradient-sign loops are unrolled up to
 # UNROLL_MAX_STEPS_CPU steps and APGD/FAB never; GPU/TPU always use lax.fori_loop, which
-# compiles one body in seconds. Figures: benchmarks/README.md.
+# compiles one body in seconds. Figures: benchmarks/README.md. The slowdown was the input
+# gradient's convolutions left in a slow kernel layout inside loops; every attack now takes
+# its gradient through `conv_layout.input_gradient`, which removes it (issue 30), so the
+# unrolling of short loops is a choice measured before that fix.
 UNROLL_MAX_STEPS_CPU = 100
 
 

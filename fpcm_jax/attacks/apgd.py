@@ -29,6 +29,7 @@ import optax
 
 from fpcm_jax.attacks._common import (check_norm, clip_to_ball, example_keys, fixed_loop, norms,
                                       over_target_ranks, per_example, pick, ranked_class)
+from fpcm_jax.attacks.conv_layout import input_gradient
 
 # The official code's guard in its normalisations (`normalize`: x / (||x|| + 1e-12)).
 NORMALIZE_EPS = 1e-12
@@ -143,7 +144,7 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
     the reference's draw). Returns (x_best_adv, robust, gradient at the start) per example.
     """
     check_norm(norm)
-    grad_fn = jax.grad(lambda inputs: _sum_loss(loss_fn, inputs), has_aux=True)
+    grad_fn = input_gradient(lambda inputs: _sum_loss(loss_fn, inputs), has_aux=True)
 
     def evaluate(inputs):
         grad, (loss, logits) = grad_fn(inputs)

@@ -7,7 +7,9 @@
 Each attack runs only on the points still robust after the attacks before it, and a point
 counts as robust only if every attack fails on it. APGD-T and FAB-T run their 9 target classes
 in turn, each again only on the points still robust. The points are gathered into batches of
-a fixed size (the last one padded and masked), so every stage compiles once. Random starts
+`batch_size`, the last one padded (by repeating its points) to a power-of-two size that fits
+it (`fitted_size`), so a stage compiles once per size and few padded copies are attacked when
+few points are left robust. Random starts
 come from keys derived from each point's index: a point meets the same randomness whatever
 batch it is in, and the same as when the attack runs alone. Published parameters: APGD 100
 iterations, rho 0.75, momentum 0.75, first step 2 eps; APGD-T and FAB-T 9 targets, 100
@@ -55,6 +57,7 @@ class _Call(NamedTuple):
     n_iter: int
     n_queries: int
     n_target_classes: int
+    fitted_batches: bool
     on_batch: Optional[Callable[[str, int, int, int, int, int], None]]
 
 
@@ -65,7 +68,7 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
                fetch: Optional[Callable[[jax.Array], np.ndarray]] = None,
                progress: Optional[Callable[[str, float], None]] = None,
                on_batch: Optional[Callable[[str, int, int, int, int, int], None]] = None,
-               norm: str = "linf") -> Dict[str, Any]:
+               norm: str = "linf", fitted_batches: bool = True) -> Dict[str, Any]:
     """Run AutoAttack over all of x (NHWC in [0, 1]) with labels y.
 
     logits_fn(x) -> logits, or logits_fn(params, x) when `params` is given (then the weights
@@ -80,6 +83,11 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     (0 done) and after each of its batches.
     Returns clean and per-component robust flags and accuracies, x_adv, times and warnings.
     norm: the threat model, 'linf' (default) or 'l2'.
+    fitted_batches: True (default) pads a stage's last batch only up to the next power-of-two
+    multiple of the device count (at least FITTED_MIN_BATCH) instead of batch_size: when few
+    points are left robust, far fewer padded copies are attacked, for a few more compiled
+    shapes; the points, their randomness and their results are the same. False: every batch
+    padded to batch_size, one compiled shape per stage.
     An unknown component name in `attacks_to_run` or an unknown norm is a ValueError before
     anything runs.
     """
@@ -89,7 +97,7 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
                  (lambda p, inputs: logits_fn(inputs)) if params is None else logits_fn,
                  _stage_cache(logits_fn if params is not None else None),
                  put or jnp.asarray, fetch or np.asarray, batch_size, eps, norm, n_iter, n_queries,
-                 n_target_classes, on_batch)
+                 n_target_classes, fitted_batches, on_batch)
     result, robust = _clean_pass(call)
     x_adv = call.x.copy()
     zero_grad_points = 0
@@ -109,12 +117,27 @@ def _fraction(flags: np.ndarray) -> float:
     return float(flags.mean()) if len(flags) else 0.0
 
 
-def _batches(indices: np.ndarray, batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+# The smallest fitted batch: below it a compile costs more than the padded points it saves.
+FITTED_MIN_BATCH = 8
+
+
+def _batches(indices: np.ndarray, batch_size: int,
+             fitted: bool = False) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(chosen, padded) per batch: the indices of the batch, and the same repeated to fill
-    `batch_size` (only the last batch differs)."""
+    `batch_size`, or with `fitted` the last batch only to `fitted_size`."""
     for start in range(0, len(indices), batch_size):
         chosen = indices[start:start + batch_size]
-        yield chosen, np.resize(chosen, batch_size)
+        size = fitted_size(len(chosen), batch_size) if fitted else batch_size
+        yield chosen, np.resize(chosen, size)
+
+
+def fitted_size(count: int, batch_size: int) -> int:
+    """The batch `count` points are padded to: the device count times the smallest power of two
+    that holds max(count, FITTED_MIN_BATCH), at most batch_size (a multiple of the device
+    count): a few shapes per stage, each compiled once."""
+    devices = jax.device_count()
+    shares = -(-max(count, FITTED_MIN_BATCH) // devices)
+    return min(devices * (1 << (shares - 1).bit_length()), batch_size)
 
 
 def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
@@ -181,7 +204,7 @@ def _run_stage_batches(call: _Call, run: Callable, where: Tuple[str, int, int],
     if call.on_batch is not None:  # the stage starts (its first batch also compiles it)
         call.on_batch(*where, 0, len(attacked), int(robust.sum()))
     zero_grad_points = 0
-    for chosen, padded in _batches(attacked, call.batch_size):
+    for chosen, padded in _batches(attacked, call.batch_size, call.fitted_batches):
         adv_batch, _, zero = run(call.params, call.put(call.x[padded]), call.put(call.y[padded]),
                                  call.put(padded.astype(np.int32)),
                                  np.asarray(jax.random.key_data(stage_key)),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from fpcm_jax.attacks._common import (check_norm, fixed_loop, norms, over_target_ranks,
                                       per_example, pick, ranked_class)
+from fpcm_jax.attacks.conv_layout import input_gradient
 
 
 def projection_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -148,7 +149,7 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
         gap = pick(logits, targets) - pick(logits, y)
         return gap.sum(), gap
 
-    grad_fn = jax.grad(difference, has_aux=True)
+    grad_fn = input_gradient(difference, has_aux=True)
 
     def body(_, state):
         x1, best, best_norm = state

@@ -26,6 +26,7 @@ import optax
 
 from fpcm_jax.attacks._common import (UNROLL_MAX_STEPS_CPU, check_norm, default_unroll,
                                       fixed_loop, margin, norms, per_example)
+from fpcm_jax.attacks.conv_layout import input_gradient
 
 __all__ = ["UNROLL_MAX_STEPS_CPU", "default_unroll", "fixed_loop", "uniform_start", "project",
            "ascent_direction", "pgd_iterate", "trades_l2_iterate", "cross_entropy", "cw_margin",
@@ -72,7 +73,7 @@ def pgd_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]], x: j
     """`steps` gradient ascent steps (`ascent_direction` times step_size, then `project`) on
     loss_fn(x_adv, carry) -> (loss, new_carry)."""
     check_norm(norm)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grad_fn = input_gradient(loss_fn, has_aux=True)
 
     def step(_, state):
         x_adv, carry = state
@@ -98,7 +99,7 @@ def trades_l2_iterate(loss_fn: Callable[[jax.Array, Any], Tuple[jax.Array, Any]]
     puts x + delta into [0, 1] and only then scales delta back onto the ball (torch's renorm:
     eps / (norm + 1e-7) when longer than eps). Returns clip(x + delta, 0, 1) and the carry."""
     learning_rate = 2.0 * eps / steps
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grad_fn = input_gradient(loss_fn, has_aux=True)
 
     def step(index, state):
         delta, carry = state
