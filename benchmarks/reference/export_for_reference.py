@@ -55,7 +55,7 @@ def write_export(path, variables, x, y, num_classes, logits):
     state = {f"state/{k}": v for k, v in convert.to_official(variables).items()}
     np.savez(path, x=np.asarray(x), y=np.asarray(y), num_classes=num_classes,
              jax_logits=np.asarray(logits), **state)
-    print(f"Wrote {args.out}: {len(state)} tensors, {len(x)} points.")
+    print(f"Wrote {path}: {len(state)} tensors, {len(x)} points.", file=sys.stderr)
 
 
 if __name__ == "__main__":
