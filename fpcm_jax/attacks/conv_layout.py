@@ -8,7 +8,7 @@ kernel spec `01oi`). XLA:CPU runs convolutions through its fast Eigen kernels on
 canonical layout (`b01f` input, `01io` kernel); a pass rewrites the others with a transposed
 kernel, but it visits only the program's top level. Inside a `lax.fori_loop` (APGD, FAB, PGD in
 loop form) the backward convolutions stay `01oi` and run on a generic loop, which made one
-APGD iteration of a WRN-16-2 + FPCM at batch 32 cost 790 ms against 122 ms with the kernel
+APGD iteration of a WRN-16-2 + FPCM at batch 32 cost 790 ms against 168 ms with the kernel
 transposed (benchmarks/README.md, issue 30).
 
 `canonical_convs(fn)` traces fn and transposes every convolution's kernel into the canonical
