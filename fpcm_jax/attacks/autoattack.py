@@ -11,10 +11,9 @@ in turn, each again only on the points still robust. The points are gathered int
 it (`fitted_size`), so a stage compiles once per size and few padded copies are attacked when
 few points are left robust. Random starts come from keys derived from each point's index: a
 point meets the same randomness whatever batch it is in, and the same as when the attack runs
-alone. Published parameters: APGD 100
-iterations, rho 0.75, momentum 0.75, first step 2 eps; APGD-T and FAB-T 9 targets, 100
-iterations; Square 5,000 queries, p_init 0.8; the same four in L2 (each with its L2 step,
-projection or, for Square, its L2 algorithm). The components and their stages come from
+alone. Published parameters: APGD 100 iterations, rho 0.75, momentum 0.75, first step 2 eps;
+APGD-T and FAB-T 9 targets, 100 iterations; Square 5,000 queries, p_init 0.8; the same four in
+L2 (each with its L2 step, projection or, for Square, its L2 algorithm). The components and their stages come from
 `registry`.
 
 The reference implementation's sanity checks are reported as warnings: the output varies
