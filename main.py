@@ -88,13 +88,18 @@ def model_overrides(argv, config):
 
 
 def run_mode(mode: str, config, overrides) -> int:
-    """Check the mode's options (config_checks, once), then run it; the exit code."""
-    from fpcm_jax import (analysis, config_checks, evaluate, export, parallel,  # after flags
-                          train)
+    """Check the mode's options (training.checks or evaluation.checks, once), then run it;
+    the exit code."""
+    from fpcm_jax import parallel  # after flags
+    from fpcm_jax.training import checks as training_checks
+    from fpcm_jax.evaluation import checks as evaluation_checks
+    from fpcm_jax.evaluation import analysis, evaluate
+    from fpcm_jax.runs import export
+    from fpcm_jax.training import train
     if mode == "info":
         describe(config)
     elif mode == "analyze":
-        config_checks.check_analysis(config, FLAGS.checkpoints, FLAGS.labels)
+        evaluation_checks.check_analysis(config, FLAGS.checkpoints, FLAGS.labels)
         result = analysis.run_analysis(config, FLAGS.checkpoints, FLAGS.workdir, FLAGS.labels,
                                        overrides, FLAGS.allow_fallback)
         if parallel.is_main_process():
@@ -106,7 +111,7 @@ def run_mode(mode: str, config, overrides) -> int:
                   f"{FLAGS.out}.json (its model).")
     elif mode == "eval":
         severities = _integers(FLAGS.severities, "--severities")
-        names = config_checks.check_evaluation(config, FLAGS.attack, FLAGS.num_examples,
+        names = evaluation_checks.check_evaluation(config, FLAGS.attack, FLAGS.num_examples,
                                                FLAGS.batch_size, FLAGS.eps, FLAGS.step_size,
                                                FLAGS.norm, FLAGS.split, FLAGS.corruptions,
                                                severities)
@@ -118,7 +123,7 @@ def run_mode(mode: str, config, overrides) -> int:
                                 corruption_options={"names": FLAGS.corruptions,
                                                     "severities": severities})
     else:
-        config_checks.check_training(config)
+        training_checks.check_training(config)
         result = train.train_and_evaluate(config, FLAGS.workdir)
         return 143 if result.get("reason") == "SIGTERM" else 0  # 128 + SIGTERM, as if killed
     return 0
@@ -146,13 +151,15 @@ def main(argv, overrides):
                              "(a checkpoint or run directory).")
     if FLAGS.mode == "report":
         return run_report()
-    from fpcm_jax import data, parallel, quiet_reads, train  # none of them starts a backend
+    from fpcm_jax import parallel, quiet_reads  # none of them starts a backend
+    from fpcm_jax.data import datasets
+    from fpcm_jax.training import train
     quiet_reads.drop_late_read_reports()  # a damaged checkpoint is reported once, as one line
     try:
         parallel.setup(config.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
                        FLAGS.process_id)
         return run_mode(FLAGS.mode, config, overrides)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, data.DatasetError,
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, datasets.DatasetError,
             train.TrainingError, parallel.SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -160,7 +167,7 @@ def main(argv, overrides):
 
 def run_report() -> int:
     """--mode report: it only reads files, so no JAX (nor its start-up) is needed."""
-    from fpcm_jax import report
+    from fpcm_jax.reports import report
     try:
         result = report.write_report(FLAGS.checkpoints or [], FLAGS.workdir)
     except (ValueError, OSError) as error:

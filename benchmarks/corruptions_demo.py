@@ -30,7 +30,7 @@ from scipy import ndimage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from fpcm_jax import corruptions, data  # noqa: E402
+from fpcm_jax.data import corruptions, datasets  # noqa: E402
 from corruptions_memory import add_npy  # noqa: E402  (this folder is on sys.path)
 
 
@@ -107,7 +107,7 @@ def write_archives(downloads, seed=0):
     returns the source_sha256 setting."""
     os.makedirs(downloads, exist_ok=True)
     (train_images, train_labels), (test_images, test_labels) = (
-        (split.images, split.labels) for split in data._load_digits(32))
+        (split.images, split.labels) for split in datasets._load_digits(32))
     record = lambda images, labels: np.concatenate(
         [labels.astype(np.uint8)[:, None], images.transpose(0, 3, 1, 2).reshape(len(images),
                                                                                3072)], 1)

@@ -26,7 +26,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from fpcm_jax import corruptions  # noqa: E402
+from fpcm_jax.data import corruptions  # noqa: E402
 
 TEST_COUNT, PER_CORRUPTION = 10_000, 50_000
 

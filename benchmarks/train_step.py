@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from flops import count_flops  # noqa: E402  (this folder is on sys.path)
-from fpcm_jax import experiment, layers, models, parallel, train_step  # noqa: E402
+from fpcm_jax import experiment, layers, models, parallel  # noqa: E402
+from fpcm_jax.training import train_step
 
 
 def main():

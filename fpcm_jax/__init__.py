@@ -5,7 +5,7 @@
     fpcm_jax.evaluate_model(config, workdir, ["pgd20", "autoattack"])  # evaluate it
 """
 
-__version__ = "0.3.0"
+from fpcm_jax.version import __version__  # noqa: F401
 
 _ENTRY_POINTS = ("train_and_evaluate", "evaluate_model")
 

@@ -11,8 +11,9 @@ directories and reports as main.py.
 `package.module:Class` with its fields, exactly as `--config.model.name` and
 `config.model.kwargs` would give it, so a later `main.py --mode eval` or resume rebuilds it);
 an NNX model is named by its class in `config.model.name`. The options are checked as
-main.py checks them (`config_checks`), before any work. Several processes: call
-`fpcm_jax.parallel.setup(...)` first, before anything touches JAX, as main.py does.
+main.py checks them (`training.checks`, `evaluation.checks`), before any work. Several
+processes: call `fpcm_jax.parallel.setup(...)` first, before anything touches JAX, as main.py
+does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from typing import Any, Dict, Optional, Sequence
 
 import ml_collections
 
-from fpcm_jax import config_checks, evaluate as evaluation, train
+from fpcm_jax.training import checks as training_checks
+from fpcm_jax.evaluation import checks as evaluation_checks
+from fpcm_jax.evaluation import evaluate as evaluation
+from fpcm_jax.training import train
 from fpcm_jax.models import imported
 
 
@@ -44,7 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        model: Any = None) -> Dict[str, Any]:
     """Train (or resume) in `workdir` as `main.py --mode train` does; returns the summary."""
     config = with_model(config, model)
-    config_checks.check_training(config)
+    training_checks.check_training(config)
     return train.train_and_evaluate(config, workdir)
 
 
@@ -57,7 +61,7 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
     it. options: num_examples, batch_size, eps, step_size, norm, seed, split."""
     if (model is None) != (variables is None):
         raise ValueError("Give both model and variables (or neither, to load a checkpoint).")
-    names = config_checks.check_evaluation(
+    names = evaluation_checks.check_evaluation(
         config, ",".join(attacks), options.get("num_examples"), options.get("batch_size"),
         options.get("eps"), options.get("step_size"), options.get("norm"))
     given = None

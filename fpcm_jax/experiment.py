@@ -6,16 +6,22 @@ every model checkpoint (`model.json`) hold: the config's model section without t
 only say how the model is computed (`HOW_COMPUTED`: the parameters are the same either way),
 plus `num_classes` and `dataset`. Training, resume, evaluation, analysis and export all build
 their model from a description, so they cannot disagree.
+
+The threat model's checks live here too (`check_threat_model`, `check_radius_fits_norm`): both
+training and evaluation check their radius and step with them.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Tuple
+import math
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 from flax import linen as nn
 
-from fpcm_jax import data, models
+from fpcm_jax import attacks, models
+from fpcm_jax.data import datasets
 from fpcm_jax.models import imported
 
 HOW_COMPUTED = ("dtype", "fpcm_lowpass")
@@ -61,7 +67,7 @@ def describe(config) -> Dict[str, Any]:
     for field in RESNET_ONLY:  # `--config.model.widths=()` unsets (a flag cannot give None)
         if not description.get(field):
             description[field] = None
-    description["num_classes"] = data.get_spec(config.data.name).num_classes
+    description["num_classes"] = datasets.get_spec(config.data.name).num_classes
     description["dataset"] = config.data.name
     return description
 
@@ -78,7 +84,7 @@ def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
         raise ValueError(f"--config.model.{changed[0]} applies to the registry's models; "
                          f"{name} takes its options from config.model.kwargs (reset the "
                          f"field, e.g. in your config file).")
-    num_classes = data.get_spec(dataset).num_classes
+    num_classes = datasets.get_spec(dataset).num_classes
     kwargs = imported.plain_kwargs(kwargs, "config.model.kwargs")
     return {"name": name, "kwargs": imported.call_kwargs(factory, kwargs, num_classes),
             "num_classes": num_classes, "dataset": dataset,
@@ -92,7 +98,7 @@ def normalized_field(value: Any) -> Any:
 
 def complete(description: Dict[str, Any]) -> Dict[str, Any]:
     """A description with every model field: those missing (checkpoints written by older
-    versions of `fpcm_jax.convert`) take the official model's values. A model given by import
+    versions of `fpcm_jax.runs.convert`) take the official model's values. A model given by import
     path is described whole already."""
     if imported.is_import_path(description["name"]):
         return dict(description)
@@ -147,11 +153,11 @@ def model_from_description(description: Dict[str, Any], dtype: str = "float32",
     if imported.is_import_path(description["name"]):
         return _imported_model(description, dtype)
     check_options(description)
-    spec = data.get_spec(description["dataset"]) if description.get("dataset") else None
+    spec = datasets.get_spec(description["dataset"]) if description.get("dataset") else None
     if description["normalization"] == "dataset" and spec is None:
         raise ValueError("The model normalises with its dataset's statistics, but its "
                          "description names no dataset.")
-    mean, std = data.normalization(description["normalization"], spec)
+    mean, std = datasets.normalization(description["normalization"], spec)
     extra = {field: tuple(description[field]) for field in RESNET_ONLY if description[field]}
     return models.create(description["name"], num_classes=description["num_classes"],
                          fpcm=description["fpcm"], fpcm_variant=description["fpcm_variant"],
@@ -172,7 +178,7 @@ def _imported_model(description: Dict[str, Any], dtype: str) -> nn.Module:
                  f"{str(recorded.get('sha256'))[:12]}...)" if recorded.get("file") else "")
         raise imported.ModelProtocolError(f"{error}{where}") from None
     dataset = description.get("dataset")
-    image_size = data.get_spec(dataset).image_size if dataset else 32
+    image_size = datasets.get_spec(dataset).image_size if dataset else 32
     imported.check_protocol(model, name, description["num_classes"], image_size)
     return model
 
@@ -184,8 +190,59 @@ def code_warning(description: Dict[str, Any]) -> str:
     return imported.code_changes(description["code"], description["name"]) or ""
 
 
-def build(config) -> Tuple[nn.Module, data.DatasetSpec]:
+def build(config) -> Tuple[nn.Module, datasets.DatasetSpec]:
     """(model, dataset spec) for an experiment config: its model on its dataset."""
     model = model_from_description(describe(config), config.model.dtype,
                                    config.model.fpcm_lowpass)
-    return model, data.get_spec(config.data.name)
+    return model, datasets.get_spec(config.data.name)
+
+
+def largest_distance(norm: str, dataset: str) -> float:
+    """The largest distance two images of the dataset can have in `norm` (L-inf 1; L2
+    sqrt(H W C)): a radius beyond it means nothing."""
+    if norm == "linf":
+        return 1.0
+    size = datasets.get_spec(dataset).image_size
+    return math.sqrt(size * size * 3)
+
+
+EVAL_FLAGS = ("--norm", "--eps", "--step_size")
+CONFIG_FLAGS = ("--config.attack.norm", "--config.attack.eps", "--config.attack.step_size")
+
+
+def check_threat_model(norm: str, eps: Optional[float], step_size: Optional[float],
+                       dataset: str, flags=EVAL_FLAGS) -> None:
+    """norm one of attacks.NORMS, 0 < eps <= the largest distance of two images in that norm,
+    0 <= step_size <= that distance (None: not given); `flags` name the three in errors."""
+    if norm not in attacks.NORMS:
+        raise ValueError(f"{flags[0]}={norm!r} is not a threat model; use one of "
+                         f"{', '.join(attacks.NORMS)}.")
+    bound = largest_distance(norm, dataset)
+    usual = "8/255 is 0.03137" if norm == "linf" else "0.5 is usual"
+    for flag, value, interval in ((flags[1], eps, f"(0, {bound:.5g}]"),
+                                  (flags[2], step_size, f"[0, {bound:.5g}]")):
+        if value is None:
+            continue
+        low_ok = value > 0 if flag == flags[1] else value >= 0
+        if not (low_ok and value <= bound and np.isfinite(value)):
+            raise ValueError(f"{flag}={value} must lie in {interval} for the {norm} norm on "
+                             f"{dataset} (the largest {norm} distance of two images is "
+                             f"{bound:.5g}; {usual}).")
+
+
+def check_radius_fits_norm(norm: str, eps: float, step_size: float,
+                           flags=CONFIG_FLAGS) -> None:
+    """Refuse an eps or step that is another norm's usual value, e.g. --config.attack.norm=l2
+    left with L-inf's 8/255 (an L2 ball of radius 0.03 on 32x32x3 images is meaningless)."""
+    for other in attacks.NORMS:
+        if other == norm:
+            continue
+        for flag, value, usual in ((flags[1], eps, attacks.DEFAULT_EPS[other]),
+                                   (flags[2], step_size, attacks.DEFAULT_STEP_SIZE[other])):
+            if value is not None and math.isclose(value, usual, rel_tol=1e-9):
+                raise ValueError(
+                    f"{flags[0]}={norm} with {flag}={value:.6g}, the usual {other} value: "
+                    f"give the {norm} radius and step too, e.g. {flags[1]}="
+                    f"{attacks.DEFAULT_EPS[norm]:.6g} {flags[2]}="
+                    f"{attacks.DEFAULT_STEP_SIZE[norm]:.6g} (as configs/cifar10_resnet18_l2.py"
+                    f" does for l2).")

@@ -30,7 +30,7 @@ jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-from fpcm_jax.checkpoint import path_name  # noqa: E402
+from fpcm_jax.runs.checkpoint import path_name  # noqa: E402
 from official_weights import synthetic_state_dict  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def tiny_config(**changes):
 
 def train_tiny_run(workdir):
     """A one-epoch PGD-AT run of a very small tiny-config model; returns its config."""
-    from fpcm_jax import train
+    from fpcm_jax.training import train
 
     config = tiny_config(attack__steps=1, train__epochs=1, train__final_test_attack_steps=0)
     train.train_and_evaluate(config, str(workdir))
@@ -121,7 +121,9 @@ def read_train_state(workdir, config):
     """The latest training state saved in a run directory, as host arrays."""
     import jax
 
-    from fpcm_jax import experiment, run_dir, train_step
+    from fpcm_jax import experiment
+    from fpcm_jax.runs import run_dir
+    from fpcm_jax.training import train_step
 
     model, spec = experiment.build(config)
     tx, _ = train_step.make_optimizer(config.train, 10)

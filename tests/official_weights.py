@@ -2,7 +2,7 @@
 
 Shared by `fixtures/make_official_fixtures.py` (which loads them into the official PyTorch
 model to record reference logits) and the tests (which convert the same weights with
-`fpcm_jax.convert`), so only the key names, shapes and outputs need to be committed. Each
+`fpcm_jax.runs.convert`), so only the key names, shapes and outputs need to be committed. Each
 entry comes from its own `default_rng(crc32(name)).random(shape)` stream, whose values numpy
 keeps stable across versions; BatchNorm statistics are deliberately far from 0 / 1.
 """

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from fpcm_jax import analysis, data, models
+from fpcm_jax import models
+from fpcm_jax.data import datasets
+from fpcm_jax.evaluation import analysis
 from fpcm_jax.layers import FPCM
 
 
@@ -163,8 +165,8 @@ def test_analyze_end_to_end_without_noise_gives_the_clean_accuracy(trained_tiny_
     model, variables, _ = analysis.load_checkpoint_model(str(run), config)
     predict = lambda images: np.asarray(model.apply(variables, jnp.asarray(images), train=False,
                                                     progress=1.0)).argmax(-1)
-    _, _, test_split = data.load_for(config)
-    x, y = data.to_float(test_split.images[:40]), test_split.labels[:40]
+    _, _, test_split = datasets.load_for(config)
+    x, y = datasets.to_float(test_split.images[:40]), test_split.labels[:40]
     clean = float(np.mean(predict(x) == y))
     assert figures["clean_accuracy"] == clean
     assert figures["band_noise_accuracy"] == [clean] * 3
@@ -181,7 +183,7 @@ def test_analyze_end_to_end_without_noise_gives_the_clean_accuracy(trained_tiny_
 
 
 def test_every_plot_axis_is_labelled_and_colours_have_legends():
-    from fpcm_jax import plots
+    from fpcm_jax.reports import plots
 
     rng = np.random.default_rng(0)
     model = {"_alpha_samples": {"attn1": rng.uniform(0.5, 1, (4, 8)),

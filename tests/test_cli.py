@@ -79,7 +79,7 @@ def test_a_wide_resnet_on_a_resnet_config_once_its_widths_are_unset():
 def test_every_config_file_is_valid(tmp_path):
     import importlib
 
-    from fpcm_jax import config_checks
+    from fpcm_jax.training import checks as training_checks
 
     names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
                    if f.endswith(".py") and f != "__init__.py")
@@ -89,4 +89,4 @@ def test_every_config_file_is_valid(tmp_path):
         if config.data.extra_fraction:
             (tmp_path / "extra.npz").write_bytes(b"")
             config.data.extra_path = str(tmp_path / "extra.npz")
-        config_checks.check_training(config)
+        training_checks.check_training(config)

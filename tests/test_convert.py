@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from fpcm_jax import checkpoint, convert, experiment, export, models, torch_zip
+from fpcm_jax import experiment, models
+from fpcm_jax.runs import checkpoint, convert, export, torch_zip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,7 +123,7 @@ def test_cli_writes_a_checkpoint_that_loads(official_wrn16_2, wrn, tmp_path):
     source = tmp_path / "official.npz"
     np.savez(source, **state_dict)
     out = tmp_path / "converted"
-    command = [sys.executable, "-m", "fpcm_jax.convert", str(source), "--model", "wrn-16-2",
+    command = [sys.executable, "-m", "fpcm_jax.runs.convert", str(source), "--model", "wrn-16-2",
                "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -23,8 +23,12 @@ import pytest
 
 import test_data
 from conftest import tiny_config
-from fpcm_jax import (archives, checkpoint, config_checks, corruptions, evaluate, experiment,
-                      report, spectra)
+from fpcm_jax import experiment
+from fpcm_jax.evaluation import checks as evaluation_checks
+from fpcm_jax.data import archives, corruptions
+from fpcm_jax.evaluation import evaluate, spectra
+from fpcm_jax.reports import report
+from fpcm_jax.runs import checkpoint
 
 COUNT = test_data.TEST_COUNT  # images per severity (the served CIFAR-10 test split)
 
@@ -225,10 +229,10 @@ def test_cifar10_1_is_a_split(mirror, tmp_path):
 def test_bad_corruption_requests_are_one_line_before_any_work(dataset, options, message):
     config = tiny_config(data__name=dataset)
     with pytest.raises(ValueError) as raised:
-        config_checks.check_evaluation(config, "corruptions", **options)
+        evaluation_checks.check_evaluation(config, "corruptions", **options)
     assert message in str(raised.value) and "\n" not in str(raised.value)
     with pytest.raises(ValueError, match="add corruptions to --attack"):
-        config_checks.check_evaluation(tiny_config(data__name="cifar10"), "pgd20",
+        evaluation_checks.check_evaluation(tiny_config(data__name="cifar10"), "pgd20",
                                        corruption_names=["fog"])
 
 

@@ -20,8 +20,12 @@ import numpy as np
 import pytest
 
 from conftest import read_train_state, tiny_config
-from fpcm_jax import (accuracy, analysis, attacks, checkpoint, config_checks, data, evaluate,
-                      experiment, loading, parallel, train, train_step)
+from fpcm_jax import attacks, experiment, parallel
+from fpcm_jax.training import checks as training_checks
+from fpcm_jax.data import datasets
+from fpcm_jax.evaluation import accuracy, analysis, evaluate
+from fpcm_jax.runs import checkpoint, loading
+from fpcm_jax.training import train, train_step
 
 
 def own_config(name, **changes):
@@ -32,7 +36,7 @@ def own_config(name, **changes):
 
 
 def accuracy_at(model, variables, split, progress):
-    logits = model.apply(variables, data.to_float(split.images), train=False, progress=progress)
+    logits = model.apply(variables, datasets.to_float(split.images), train=False, progress=progress)
     return float(np.mean(np.asarray(logits).argmax(1) == split.labels))
 
 
@@ -41,10 +45,10 @@ def test_every_evaluation_runs_at_the_final_cutoff(tmp_path):
     progress 1.0 computed here, and differs from the one at progress 0.5."""
     config = own_config("own_models:ProgressProbe", attack__steps=0, train__epochs=1,
                         train__final_test_attack_steps=0)
-    config_checks.check_training(config)
+    training_checks.check_training(config)
     workdir = str(tmp_path / "run")
     summary = train.train_and_evaluate(config, workdir)
-    _, val_split, test_split = data.load_for(config)
+    _, val_split, test_split = datasets.load_for(config)
     model, variables, info, _ = loading.load_model(os.path.join(workdir, "best_sum"))
     state = read_train_state(workdir, config)
     final = {"params": state.params, "batch_stats": state.batch_stats}
@@ -53,11 +57,11 @@ def test_every_evaluation_runs_at_the_final_cutoff(tmp_path):
     assert summary["test_clean_acc"] == accuracy_at(model, final, test_split, 1.0)
     assert summary["test_clean_acc"] != accuracy_at(model, final, test_split, 0.5)
     report = evaluate.run_evaluation(config, workdir, ["none"], num_examples=100)
-    first = data.Split(test_split.images[:100], test_split.labels[:100])
+    first = datasets.Split(test_split.images[:100], test_split.labels[:100])
     best, best_variables, _, _ = loading.load_model(workdir)
     assert report["attacks"]["none"]["clean_acc"] == accuracy_at(best, best_variables, first, 1.0)
     analyzer = analysis.Analyzer(best, best_variables)
-    x = np.asarray(data.to_float(first.images))
+    x = np.asarray(datasets.to_float(first.images))
     assert analyzer.accuracy(x, first.labels) == accuracy_at(best, best_variables, first, 1.0)
     assert accuracy_at(best, best_variables, first, 1.0) != accuracy_at(best, best_variables,
                                                                         first, 0.5)
@@ -67,7 +71,7 @@ def grid_model_and_data(count=24):
     config = own_config("own_models:OnGridIsWrong")
     model = experiment.model_from_description(experiment.describe(config))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    _, _, test_split = data.load_for(config)
+    _, _, test_split = datasets.load_for(config)
     images = test_split.images[:count]
     return config, model, variables, images, np.ones(count, np.int32)
 
@@ -75,13 +79,13 @@ def grid_model_and_data(count=24):
 def test_misclassified_clean_is_never_robust(tmp_path):
     config, model, variables, images, labels = grid_model_and_data()
     logits_fn = lambda x: model.apply(variables, x, train=False, progress=1.0)
-    x = data.to_float(images)
+    x = datasets.to_float(images)
     x_adv = attacks.get("pgd2", eps=8 / 255)(logits_fn, x, labels, jax.random.key(0))
     assert np.all(np.asarray(logits_fn(x)).argmax(1) == 0)      # wrong clean
     assert np.all(np.asarray(logits_fn(x_adv)).argmax(1) == 1)  # right when perturbed
     mesh = parallel.make_mesh()
     step = accuracy.pgd_eval_step(model, mesh, 2)
-    counted = accuracy.evaluate_split(step, variables, data.Split(images, labels), 8,
+    counted = accuracy.evaluate_split(step, variables, datasets.Split(images, labels), 8,
                                       jax.random.key(0), mesh)
     assert counted["clean_acc"] == 0.0 and counted["robust_acc"] == 0.0
     result = attacks.autoattack(logits_fn, x, labels, jax.random.key(0), 8 / 255, n_iter=2,

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from fpcm_jax import archives, data
+from fpcm_jax.data import archives, datasets
 from fpcm_jax.files import written_whole
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def test_download_verifies_prepares_once_and_reads_the_official_layout(served, t
     server, (_, train_images, train_labels, test_images, test_labels), digest = served
     before = len(server.requests)
     options = dict(validation_size=0, source_url=f"{server.url}/good", source_sha256=digest)
-    train, _, test = data.load("cifar10", str(tmp_path), **options)
+    train, _, test = datasets.load("cifar10", str(tmp_path), **options)
     np.testing.assert_array_equal(train.images, train_images)
     np.testing.assert_array_equal(train.labels, train_labels)
     np.testing.assert_array_equal(test.images, test_images)
@@ -122,7 +122,7 @@ def test_download_verifies_prepares_once_and_reads_the_official_layout(served, t
     assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32
     assert len(server.requests) == before + 1
     assert leftovers(tmp_path) == ["downloads/cifar-10-binary.tar.gz", *PREPARED]
-    again, _, _ = data.load("cifar10", str(tmp_path), **options)
+    again, _, _ = datasets.load("cifar10", str(tmp_path), **options)
     np.testing.assert_array_equal(again.images, train_images)
     assert len(server.requests) == before + 1  # prepared: no second download
 
@@ -131,8 +131,8 @@ def test_download_verifies_prepares_once_and_reads_the_official_layout(served, t
                                            ("other", "has SHA-256")])
 def test_a_bad_download_is_one_line_and_keeps_nothing(served, tmp_path, kind, message):
     server, _, digest = served
-    with pytest.raises(data.DatasetError, match=message) as error:
-        data.load("cifar10", str(tmp_path), source_url=f"{server.url}/{kind}",
+    with pytest.raises(datasets.DatasetError, match=message) as error:
+        datasets.load("cifar10", str(tmp_path), source_url=f"{server.url}/{kind}",
                   source_sha256=digest)
     assert "\n" not in str(error.value) and "nothing was kept" in str(error.value)
     assert leftovers(tmp_path) == LOCK_ONLY
@@ -140,13 +140,13 @@ def test_a_bad_download_is_one_line_and_keeps_nothing(served, tmp_path, kind, me
 
 def test_offline_fails_at_once_naming_the_file_and_where_to_put_it(tmp_path):
     start = time.time()
-    with pytest.raises(data.DatasetError) as error:
-        data.load("cifar10", str(tmp_path), source_url="http://127.0.0.1:9")  # nothing listens
+    with pytest.raises(datasets.DatasetError) as error:
+        datasets.load("cifar10", str(tmp_path), source_url="http://127.0.0.1:9")  # nothing listens
     assert time.time() - start < 10
     message = str(error.value)
     assert "cifar-10-binary.tar.gz" in message and os.path.join(str(tmp_path), "downloads") in message
-    with pytest.raises(data.DatasetError, match="not prepared and --config.data.download is False"):
-        data.load("cifar10", str(tmp_path), download=False)
+    with pytest.raises(datasets.DatasetError, match="not prepared and --config.data.download is False"):
+        datasets.load("cifar10", str(tmp_path), download=False)
     assert leftovers(tmp_path) == LOCK_ONLY
 
 
@@ -155,7 +155,7 @@ def test_a_placed_archive_is_verified_and_used_without_a_download(served, tmp_pa
     manual = tmp_path / "downloads" / "manual"
     manual.mkdir(parents=True)
     (manual / "cifar-10-binary.tar.gz").write_bytes(archive)
-    train, _, _ = data.load("cifar10", str(tmp_path), source_url="http://127.0.0.1:9",
+    train, _, _ = datasets.load("cifar10", str(tmp_path), source_url="http://127.0.0.1:9",
                             source_sha256=digest)
     np.testing.assert_array_equal(train.images, train_images)
     with pytest.raises(archives.ArchiveError, match="names no archive"):
@@ -276,11 +276,11 @@ def test_a_damaged_prepared_split_is_prepared_again_from_its_archive(served, tmp
     checksums rewritten), without a download."""
     server, (_, *arrays), digest = served
     options = dict(validation_size=0, source_url=f"{server.url}/good", source_sha256=digest)
-    data.load("cifar10", str(tmp_path), **options)
+    datasets.load("cifar10", str(tmp_path), **options)
     before = len(server.requests)
     damage(str(tmp_path / "fpcm_jax" / "cifar10" / file), how)
     capsys.readouterr()
-    train, _, test = data.load("cifar10", str(tmp_path), **options)
+    train, _, test = datasets.load("cifar10", str(tmp_path), **options)
     assert "Preparing it again." in capsys.readouterr().out
     assert digests(train.images, train.labels, test.images, test.labels) == digests(*arrays)
     assert len(server.requests) == before
@@ -294,12 +294,12 @@ def test_a_damaged_split_without_its_archive_is_refused_in_one_line(served, tmp_
     """Named with the reason it cannot be prepared again and the fix."""
     server, (archive, *_), digest = served
     place(tmp_path, "cifar-10-binary.tar.gz", archive)
-    data.load("cifar10", str(tmp_path), source_sha256=digest)
+    datasets.load("cifar10", str(tmp_path), source_sha256=digest)
     os.remove(tmp_path / "downloads" / "cifar-10-binary.tar.gz")
     damaged = tmp_path / "fpcm_jax" / "cifar10" / "train.npz"
     damage(str(damaged), how)
-    with pytest.raises(data.DatasetError) as error:
-        data.load("cifar10", str(tmp_path), source_sha256=digest, download=False)
+    with pytest.raises(datasets.DatasetError) as error:
+        datasets.load("cifar10", str(tmp_path), source_sha256=digest, download=False)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(f"{damaged} is damaged: SHA-256 ")
@@ -313,8 +313,8 @@ def test_a_placed_archive_with_a_wrong_checksum_is_refused_in_one_line(served, t
     placed = tmp_path / "downloads" / "cifar-10-binary.tar.gz"
     place(tmp_path, placed.name, other)
     before = len(server.requests)
-    with pytest.raises(data.DatasetError) as error:
-        data.load("cifar10", str(tmp_path), source_url=f"{server.url}/good", source_sha256=digest)
+    with pytest.raises(datasets.DatasetError) as error:
+        datasets.load("cifar10", str(tmp_path), source_url=f"{server.url}/good", source_sha256=digest)
     assert str(error.value) == (f"{placed} (placed there) has SHA-256 "
                                 f"{hashlib.sha256(other).hexdigest()}, not the expected {digest}: "
                                 f"delete it, or replace it with the official file.")
@@ -358,7 +358,7 @@ def test_cifar100_binary_records_carry_coarse_then_fine_labels(tmp_path):
             archive.addfile(info, io.BytesIO(rows.tobytes()))
             splits[name] = (images, fine)
     checksum = place(tmp_path, "cifar-100-binary.tar.gz", buffer.getvalue())
-    train, _, test = data.load("cifar100", str(tmp_path), source_sha256=checksum)
+    train, _, test = datasets.load("cifar100", str(tmp_path), source_sha256=checksum)
     np.testing.assert_array_equal(train.images, splits["train.bin"][0])
     np.testing.assert_array_equal(train.labels, splits["train.bin"][1])
     np.testing.assert_array_equal(test.labels, splits["test.bin"][1])
@@ -377,7 +377,7 @@ def test_svhn_matlab_files_give_nhwc_images_and_digit_labels(tmp_path):
                          "y": np.where(digits == 0, 10, digits).reshape(-1, 1)})
         checksums.append(place(tmp_path, name, buffer.getvalue()))
         expected[name] = (images, digits)
-    train, _, test = data.load("svhn", str(tmp_path), source_sha256=",".join(checksums))
+    train, _, test = datasets.load("svhn", str(tmp_path), source_sha256=",".join(checksums))
     np.testing.assert_array_equal(train.images, expected["train_32x32.mat"][0])
     np.testing.assert_array_equal(train.labels, expected["train_32x32.mat"][1])
     np.testing.assert_array_equal(test.labels, expected["test_32x32.mat"][1])
@@ -401,7 +401,7 @@ def test_imagenette_folders_give_160px_images_and_sorted_wordnet_labels(tmp_path
                     archive.addfile(info, io.BytesIO(encoded.getvalue()))
                     expected[split].append(sorted(wnids).index(wnid))
     checksum = place(tmp_path, "imagenette2-160.tgz", buffer.getvalue())
-    train, _, test = data.load("imagenette", str(tmp_path), source_sha256=checksum)
+    train, _, test = datasets.load("imagenette", str(tmp_path), source_sha256=checksum)
     assert train.images.shape == (6, 160, 160, 3) and test.images.shape == (6, 160, 160, 3)
     assert sorted(train.labels.tolist()) == sorted(expected["train"])
     assert sorted(test.labels.tolist()) == [0, 0, 1, 1, 2, 2]

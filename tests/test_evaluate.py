@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fpcm_jax import checkpoint, config_checks, data, evaluate, experiment, models
+from fpcm_jax import experiment, models
+from fpcm_jax.training import checks as training_checks
+from fpcm_jax.evaluation import checks as evaluation_checks
+from fpcm_jax.data import datasets
+from fpcm_jax.evaluation import evaluate
+from fpcm_jax.runs import checkpoint
 
 
 def test_eval_counts_every_example_once_and_writes_a_report(tiny_run):
@@ -21,8 +26,8 @@ def test_eval_counts_every_example_once_and_writes_a_report(tiny_run):
     model, spec = experiment.build(config)
     variables, _ = checkpoint.load_variables(report["checkpoint"],
                                              models.variables_template(model))
-    _, _, test_split = data.load("digits", validation_size=config.data.validation_size)
-    logits = model.apply(variables, data.to_float(test_split.images[:50]), train=False)
+    _, _, test_split = datasets.load("digits", validation_size=config.data.validation_size)
+    logits = model.apply(variables, datasets.to_float(test_split.images[:50]), train=False)
     direct = float(np.mean(np.asarray(logits).argmax(1) == test_split.labels[:50]))
     for name in ("none", "pgd3", "apgd-ce"):
         entry = report["attacks"][name]
@@ -63,7 +68,7 @@ def test_eval_counts_every_example_once_and_writes_a_report(tiny_run):
 ])
 def test_bad_eval_options_are_refused(option, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        config_checks.check_evaluation(tiny_config(), "pgd3", **{option: value})
+        evaluation_checks.check_evaluation(tiny_config(), "pgd3", **{option: value})
 
 
 @pytest.mark.parametrize("options, message", [
@@ -79,7 +84,7 @@ def test_bad_threat_models_are_refused(options, message):
     options = dict(options)
     attack = options.pop("attack", "pgd3")
     with pytest.raises(ValueError, match=re.escape(message)):
-        config_checks.check_evaluation(tiny_config(), attack, **options)
+        evaluation_checks.check_evaluation(tiny_config(), attack, **options)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -89,7 +94,7 @@ def test_bad_threat_models_are_refused(options, message):
 ])
 def test_bad_training_threat_models_are_refused(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        config_checks.check_training(tiny_config(**changes))
+        training_checks.check_training(tiny_config(**changes))
 
 
 def test_an_interrupted_autoattack_keeps_the_components_it_finished(tiny_run, monkeypatch):

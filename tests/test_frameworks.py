@@ -10,7 +10,10 @@ import optax
 import pytest
 
 from conftest import needs_four_devices, read_train_state, tiny_config
-from fpcm_jax import config_checks, data, experiment, losses, parallel, train, train_step
+from fpcm_jax import experiment, parallel
+from fpcm_jax.training import checks as training_checks
+from fpcm_jax.data import datasets
+from fpcm_jax.training import losses, train, train_step
 
 
 def one_step_setup(config, ema=False):
@@ -128,7 +131,7 @@ def test_ema_survives_stop_and_resume_and_is_what_is_evaluated(tmp_path):
     chex.assert_trees_all_equal(state_whole.ema_batch_stats, state_parts.ema_batch_stats)
     assert resumed["test_clean_acc"] == whole["test_clean_acc"]
     # The best model (one epoch: the final step) holds the EMA weights, not the trained ones.
-    from fpcm_jax import loading
+    from fpcm_jax.runs import loading
     _, best, _, _ = loading.load_model(str(tmp_path / "whole"))
     chex.assert_trees_all_equal(jax.device_get(best["params"]), state_whole.ema_params)
     assert not np.array_equal(state_whole.ema_params["linear"]["kernel"],
@@ -172,11 +175,11 @@ def test_extra_data_fills_its_share_of_every_batch_with_its_labels(tmp_path):
     extra_labels = rng.integers(0, 10, 50).astype(np.int32)
     np.savez(tmp_path / "part1.npz", image=extra_images[:30], label=extra_labels[:30])
     np.savez(tmp_path / "part2.npz", image=extra_images[30:], label=extra_labels[30:])
-    spec = data.get_spec("digits")
-    extra = data.load_extra(str(tmp_path), spec, "digits")
+    spec = datasets.get_spec("digits")
+    extra = datasets.load_extra(str(tmp_path), spec, "digits")
     np.testing.assert_array_equal(extra.labels, extra_labels)
-    train_split, _, _ = data.load("digits", validation_size=100)
-    batches = data.Batches(train_split, extra, 32, 0.7, seed=0)
+    train_split, _, _ = datasets.load("digits", validation_size=100)
+    batches = datasets.Batches(train_split, extra, 32, 0.7, seed=0)
     assert (batches.main_count, batches.extra_count) == (10, 22)
     assert batches.steps_per_epoch == len(train_split) // 10
     batches.place(parallel.make_mesh())
@@ -193,9 +196,9 @@ def test_extra_data_fills_its_share_of_every_batch_with_its_labels(tmp_path):
         seen.update(chosen.tolist())
     assert len(seen) == 50  # 66 picks cycle through the 50 extra images
     np.testing.assert_array_equal(batches.indices(1, 0)[0], epoch_order(train_split, 1)[:10])
-    with pytest.raises(data.DatasetError, match="labels outside"):
+    with pytest.raises(datasets.DatasetError, match="labels outside"):
         np.savez(tmp_path / "bad.npz", image=extra_images[:2], label=np.asarray([3, 10]))
-        data.load_extra(str(tmp_path / "bad.npz"), spec, "digits")
+        datasets.load_extra(str(tmp_path / "bad.npz"), spec, "digits")
 
 
 def epoch_order(split, epoch, seed=0):
@@ -220,7 +223,7 @@ def test_a_run_with_extra_data_trains(tmp_path):
 ])
 def test_framework_options_are_validated(changes, message):
     with pytest.raises(ValueError, match=message):
-        config_checks.check_training(tiny_config(**changes))
+        training_checks.check_training(tiny_config(**changes))
 
 
 def test_no_retrace_with_awp_and_ema_across_the_warm_up():

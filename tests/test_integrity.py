@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fpcm_jax import checkpoint, convert, experiment, loading, models, run_dir, train, train_step
+from fpcm_jax import experiment, models
+from fpcm_jax.runs import checkpoint, convert, loading, run_dir
+from fpcm_jax.training import train, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +123,7 @@ def test_damaged_model_checkpoint_is_an_error_never_a_different_model(kind, tiny
         info = {**experiment.official_model_section("wrn-16-2"), "num_classes": 10}
         variables = convert.from_official(state_dict, experiment.model_from_description(info))
         saved = str(tmp_path / "converted")
-        checkpoint.save_variables(saved, variables, info)  # as `python -m fpcm_jax.convert`
+        checkpoint.save_variables(saved, variables, info)  # as `python -m fpcm_jax.runs.convert`
     assert identical(loading.load_model(saved)[1], variables)
     detected = check_every_file(saved, lambda path: loading.load_model(path)[1], variables,
                                 tmp_path)

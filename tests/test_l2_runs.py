@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fpcm_jax import evaluate, train
+from fpcm_jax.evaluation import evaluate
+from fpcm_jax.training import train
 
 pytestmark = pytest.mark.slow
 

@@ -242,7 +242,8 @@ def test_fixed_alpha_as_a_model_option():
     """--config.model.fpcm_alpha: every FPCM of the model mixes at that alpha, without
     projection parameters; the run describes it, and its export is refused."""
     from conftest import tiny_config
-    from fpcm_jax import experiment, export, models
+    from fpcm_jax import experiment, models
+    from fpcm_jax.runs import export
 
     config = tiny_config(model__fpcm_alpha=0.7)
     description = experiment.describe(config)

@@ -25,7 +25,7 @@ learning figures, measured by hand, are in the README's learning check.
 import pytest
 
 from configs import tiny
-from fpcm_jax import train
+from fpcm_jax.training import train
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fpcm_jax import convert, models
+from fpcm_jax import models
+from fpcm_jax.runs import convert
 
 
 def param_count(model):

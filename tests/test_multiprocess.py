@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_leaves_close, needs_four_devices, read_train_state, tiny_config
-from fpcm_jax import checkpoint, data, loading
+from fpcm_jax.data import datasets
+from fpcm_jax.runs import checkpoint, loading
 
 pytestmark = pytest.mark.slow
 
@@ -217,8 +218,8 @@ from fpcm_jax import checkpoint, data, loading, parallel
 parallel.setup()
 import jax
 model, variables, info, path = loading.load_model(sys.argv[1])
-_, _, test = data.load("digits", validation_size=100)
-logits = model.apply(variables, data.to_float(test.images[:16]), train=False, progress=1.0)
+_, _, test = datasets.load("digits", validation_size=100)
+logits = model.apply(variables, datasets.to_float(test.images[:16]), train=False, progress=1.0)
 np.save(sys.argv[2], np.asarray(logits))
 print(jax.device_count(), path)
 """
@@ -229,8 +230,8 @@ def test_checkpoint_saved_on_four_devices_loads_on_one_and_two(runs, tmp_path):
     saved_on_four = runs["one"]
     model, variables, _, path = loading.load_model(saved_on_four)
     assert path.endswith("best_robust")
-    _, _, test = data.load("digits", validation_size=100)
-    expected = np.asarray(model.apply(variables, data.to_float(test.images[:16]), train=False))
+    _, _, test = datasets.load("digits", validation_size=100)
+    expected = np.asarray(model.apply(variables, datasets.to_float(test.images[:16]), train=False))
     for devices in (1, 2):
         out = str(tmp_path / f"logits_{devices}.npy")
         done = subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, saved_on_four, out],
@@ -245,7 +246,7 @@ def test_checkpoint_saved_on_four_devices_loads_on_one_and_two(runs, tmp_path):
     [report] = [f for f in os.listdir(eval_dir) if f.startswith("eval_")]
     with open(os.path.join(eval_dir, report)) as handle:
         clean = json.load(handle)["attacks"]["none"]["clean_acc"]
-    direct = np.mean(np.asarray(model.apply(variables, data.to_float(test.images),
+    direct = np.mean(np.asarray(model.apply(variables, datasets.to_float(test.images),
                                             train=False)).argmax(1) == test.labels)
     assert clean == pytest.approx(direct, abs=1e-9)
 

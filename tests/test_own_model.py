@@ -19,8 +19,13 @@ import pytest
 import fpcm_jax
 import own_models
 from conftest import tiny_config
-from fpcm_jax import (analysis, checkpoint, config_checks, data, evaluate, experiment, loading,
-                      report, train)
+from fpcm_jax import experiment
+from fpcm_jax.training import checks as training_checks
+from fpcm_jax.data import datasets
+from fpcm_jax.evaluation import analysis, evaluate
+from fpcm_jax.reports import report
+from fpcm_jax.runs import checkpoint, loading
+from fpcm_jax.training import train
 from fpcm_jax.models import imported
 
 SHORT_AUTOATTACK = {"n_iter": 3, "n_queries": 20, "n_target_classes": 2}
@@ -36,7 +41,7 @@ def own_config(name="own_models:TinyCNN", kwargs=None, **changes):
 
 
 def train_checked(config, workdir):
-    config_checks.check_training(config)
+    training_checks.check_training(config)
     return train.train_and_evaluate(config, str(workdir))
 
 
@@ -85,8 +90,8 @@ def test_own_model_is_evaluated_analysed_and_reported(own_run, tmp_path):
                                      autoattack_options=SHORT_AUTOATTACK)
     assert result["model"]["name"] == "own_models:TinyCNN"
     model, variables, _, _ = loading.load_model(str(workdir))
-    _, _, test_split = data.load_for(config)
-    x, y = data.to_float(test_split.images[:40]), test_split.labels[:40]
+    _, _, test_split = datasets.load_for(config)
+    x, y = datasets.to_float(test_split.images[:40]), test_split.labels[:40]
     direct = float(np.mean(np.asarray(model.apply(variables, x, train=False)).argmax(1) == y))
     for name in ("none", "pgd3", "autoattack"):
         assert result["attacks"][name]["clean_acc"] == direct
@@ -122,13 +127,13 @@ def test_python_entry_point_gives_the_same_run(own_run, tmp_path):
 
 def test_a_model_with_a_distinctive_output_is_the_one_evaluated(tmp_path):
     """Constant7 predicts class 7 for every image: the report's clean accuracy is the share
-    of 7s, which no trained model would give; also through fpcm_jax.evaluate with the model
+    of 7s, which no trained model would give; also through fpcm_jax.evaluation.evaluate with the model
     and variables given in Python (fpcm_jax.evaluate_model)."""
     config = own_config("own_models:Constant7", kwargs={})
     model = experiment.model_from_description(experiment.describe(config))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     checkpoint.save_variables(str(tmp_path / "ckpt"), variables, experiment.describe(config))
-    _, _, test_split = data.load_for(config)
+    _, _, test_split = datasets.load_for(config)
     sevens = float(np.mean(test_split.labels[:60] == 7))
     for result in (evaluate.run_evaluation(config, str(tmp_path / "cli"), ["none"],
                                            str(tmp_path / "ckpt"), num_examples=60),
@@ -148,8 +153,8 @@ def test_nnx_model_runs_through_the_pipeline_with_its_batchnorm(tmp_path):
     model, variables, info, _ = loading.load_model(str(tmp_path / "run"))
     stats = variables["batch_stats"]["bn"]
     assert float(jnp.abs(stats["mean"]).max()) > 1e-3  # updated by training (started at 0)
-    _, _, test_split = data.load_for(config)
-    x = data.to_float(test_split.images[:16])
+    _, _, test_split = datasets.load_for(config)
+    x = datasets.to_float(test_split.images[:16])
     eval_logits = model.apply(variables, x, train=False)
     zeroed = {**variables, "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
     assert not np.allclose(eval_logits, model.apply(zeroed, x, train=False))  # uses them
@@ -205,7 +210,7 @@ def test_changed_or_missing_model_code_is_named_on_eval_and_resume(tmp_path, cap
     err = capsys.readouterr().err
     assert f"the code of the model {module}:Net changed since it was recorded" in err
     assert description["code"]["sha256"] in err
-    from fpcm_jax import run_dir
+    from fpcm_jax.runs import run_dir
     os.makedirs(tmp_path / "run")
     with open(tmp_path / "run" / "run.json", "w") as handle:
         json.dump(description, handle)

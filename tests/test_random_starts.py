@@ -20,7 +20,8 @@ import pytest
 from scipy import stats
 
 from conftest import tiny_config
-from fpcm_jax import attacks, train_step
+from fpcm_jax import attacks
+from fpcm_jax.training import train_step
 
 SHAPE = (64, 32, 32, 3)
 EPS = 8 / 255

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fpcm_jax import evaluate, report, train
+from fpcm_jax.evaluation import evaluate
+from fpcm_jax.reports import report
+from fpcm_jax.training import train
 
 pytestmark = pytest.mark.slow
 

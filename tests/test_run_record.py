@@ -17,7 +17,8 @@ from ml_collections import config_flags
 
 import fpcm_jax
 from conftest import tiny_config
-from fpcm_jax import run_record, train
+from fpcm_jax.runs import run_record
+from fpcm_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FILES = (run_record.CONFIG_SOURCE_FILE, run_record.CONFIG_FILE,

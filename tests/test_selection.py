@@ -12,7 +12,9 @@ import jax
 import pytest
 
 from conftest import tiny_config
-from fpcm_jax import accuracy, loading, train
+from fpcm_jax.evaluation import accuracy
+from fpcm_jax.runs import loading
+from fpcm_jax.training import train
 from test_integrity import identical
 
 # (clean, robust) validation accuracy of epochs 1-3. Best robust: epoch 1, best clean + robust:

@@ -15,7 +15,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fpcm_jax import convert, models, torch_zip
+from fpcm_jax import models
+from fpcm_jax.runs import convert, torch_zip
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

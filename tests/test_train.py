@@ -16,7 +16,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import assert_leaves_close, needs_four_devices, read_train_state, tiny_config
-from fpcm_jax import config_checks, data, experiment, losses, parallel, train, train_step
+from fpcm_jax import experiment, parallel
+from fpcm_jax.training import checks as training_checks
+from fpcm_jax.data import datasets
+from fpcm_jax.training import losses, train, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,14 +163,14 @@ def test_trades_and_mart_match_direct_formulas():
 
 def test_tfds_read_path_with_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=30):
-        train_split, val_split, test_split = data.load("cifar100", str(tmp_path),
+        train_split, val_split, test_split = datasets.load("cifar100", str(tmp_path),
                                                        validation_size=6)
     assert train_split.images.shape == (24, 32, 32, 3) and train_split.images.dtype == np.uint8
     assert len(val_split) == 6 and len(test_split) == 30 and train_split.labels.max() < 100
 
 
 def test_digits_are_real_small_data():
-    train_split, val_split, test_split = data.load("digits", validation_size=100)
+    train_split, val_split, test_split = datasets.load("digits", validation_size=100)
     assert (len(train_split), len(val_split), len(test_split)) == (1400, 100, 297)
     assert train_split.images.shape[1:] == (32, 32, 3) and set(train_split.labels) == set(range(10))
 
@@ -283,7 +286,7 @@ def test_invalid_options_stop_before_the_workdir_is_touched(tmp_path, section, n
     """As main.py runs it: the checks, then training (which checks what needs the data)."""
     config = tiny_config(**{f"{section}__{name}": value})
     with pytest.raises(ValueError, match=message):
-        config_checks.check_training(config)
+        training_checks.check_training(config)
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fpcm_jax import attacks, loading, parallel  # noqa: E402
+from fpcm_jax import attacks, parallel  # noqa: E402
+from fpcm_jax.runs import loading
 
 
 def run_autoattack(args, summary):

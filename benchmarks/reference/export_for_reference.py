@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import numpy as np  # noqa: E402
 
-from fpcm_jax import convert, data, loading, parallel  # noqa: E402
+from fpcm_jax import parallel  # noqa: E402
+from fpcm_jax.data import datasets
+from fpcm_jax.runs import convert, loading
 
 
 def main():
@@ -41,9 +43,9 @@ def main():
         config[section][key] = ast.literal_eval(value)
     parallel.setup()
     model, variables, info, _ = loading.load_model(args.checkpoint)  # its model.json
-    splits = data.load_for(config)
+    splits = datasets.load_for(config)
     chosen = dict(zip(["train", "validation", "test"], splits))[args.split]
-    x = data.to_float(chosen.images[:args.num_examples])
+    x = datasets.to_float(chosen.images[:args.num_examples])
     logits = model.apply(variables, x, train=False, progress=1.0)
     write_export(args.out, variables, x, chosen.labels[:args.num_examples], info["num_classes"],
                  logits)

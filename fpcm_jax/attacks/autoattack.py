@@ -76,7 +76,7 @@ def autoattack(logits_fn: Callable, x: Any, y: Any, key: jax.Array, eps: float =
     put(numpy batch) -> device array and fetch(device array) -> numpy place the batches and
     bring results back; the defaults use one device. For several devices or hosts, put shards
     the batch (`batch_size` a multiple of the device count) and fetch gathers it
-    (`fpcm_jax.evaluate` passes `parallel.global_array` and `parallel.fetch`).
+    (`fpcm_jax.evaluation.evaluate` passes `parallel.global_array` and `parallel.fetch`).
     progress(component, robust accuracy) is called after each component; on_batch(component,
     stage, stages, points done, points in the stage, robust points now) when a stage starts
     (0 done) and after each of its batches.

@@ -1,7 +1,7 @@
 """CIFAR ResNet-18 (3x3 stem, no max-pool), with or without FPCM after each stage.
 
 Matches the official `ResNet18_FNet` module for module (names mirror its state_dict, with '.'
-written '_', so `fpcm_jax.convert` maps one to the other) and PyTorch's default init. With
+written '_', so `fpcm_jax.runs.convert` maps one to the other) and PyTorch's default init. With
 `fpcm=False` it is the standard CIFAR ResNet-18 that the paper compares against.
 """
 

@@ -3,7 +3,7 @@
 Eval mode, final FPCM cutoff. The last batch is padded and masked, so every example counts
 exactly once. A point counts as robust only if it is classified correctly both clean and under
 the attack (AutoAttack's convention), so robust accuracy never exceeds clean accuracy. Used by
-training (validation, the final test) and by `--mode eval` (`fpcm_jax.evaluate`).
+training (validation, the final test) and by `--mode eval` (`fpcm_jax.evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fpcm_jax import attacks, data, parallel
+from fpcm_jax import attacks, parallel
+from fpcm_jax.data import datasets
 
 
 def make_eval_step(model: nn.Module, attack: Callable, mesh, norm: str = "linf") -> Callable:
@@ -26,7 +27,7 @@ def make_eval_step(model: nn.Module, attack: Callable, mesh, norm: str = "linf")
     [0, 1]) over the batch's real examples."""
 
     def eval_step(variables, images, labels, mask, key):
-        x = data.to_float(images)
+        x = datasets.to_float(images)
         logits_fn = lambda inputs: model.apply(variables, inputs, train=False, progress=1.0)
         clean_correct = (jnp.argmax(logits_fn(x), -1) == labels) & mask
         x_adv = attack(logits_fn, x, labels, key)
@@ -44,7 +45,7 @@ def make_eval_step(model: nn.Module, attack: Callable, mesh, norm: str = "linf")
 MAX_BATCHES_IN_FLIGHT = 8  # dispatched ahead of the results shown; bounds device memory
 
 
-def evaluate_split(eval_step: Callable, variables: Any, split: data.Split, batch_size: int,
+def evaluate_split(eval_step: Callable, variables: Any, split: datasets.Split, batch_size: int,
                    key: jax.Array, mesh, limit: Optional[int] = None,
                    progress: Optional[Callable[[int, int, int], None]] = None) -> Dict[str, float]:
     """Clean and robust accuracy over the first `limit` (default all) examples of a split.

@@ -17,7 +17,8 @@ from typing import Any, Dict
 import jax
 import numpy as np
 
-from fpcm_jax import checkpoint, convert, loading, models, parallel, torch_zip
+from fpcm_jax import models, parallel
+from fpcm_jax.runs import checkpoint, convert, loading, torch_zip
 from fpcm_jax.models import imported
 from fpcm_jax.files import write_json, written_whole
 

@@ -1,7 +1,7 @@
 """`--mode eval --attack corruptions`: accuracy under common corruptions, and where each
 corruption puts its energy in frequency.
 
-For each corruption (read one at a time from its archive, `fpcm_jax.corruptions`) and each
+For each corruption (read one at a time from its archive, `fpcm_jax.data.corruptions`) and each
 severity: the accuracy over the first N test images (the model in eval mode at the final
 cutoff, batches sharded over every device, the last one padded and masked), and the spectrum of
 the perturbation the corruption makes, corrupted minus clean over the same images
@@ -20,12 +20,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from fpcm_jax import accuracy, attacks, corruptions, data, parallel, progress, spectra
+from fpcm_jax import attacks, parallel, progress
+from fpcm_jax.data import corruptions, datasets
+from fpcm_jax.evaluation import accuracy, spectra
 
 CHUNK = 1000  # images per FFT chunk of the perturbation spectrum
 
 
-def evaluate(config, model, variables, clean: data.Split, names: Sequence[str],
+def evaluate(config, model, variables, clean: datasets.Split, names: Sequence[str],
              severities: Sequence[int], batch_size: int, key: jax.Array, mesh,
              after_each: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """The report entry (see the module docstring); after_each(entry so far) after each
@@ -41,14 +43,14 @@ def evaluate(config, model, variables, clean: data.Split, names: Sequence[str],
                          f"default --split), whose images they corrupt in order.")
     step = accuracy.make_eval_step(model, attacks.get("none"), mesh)
     clean_images = clean.images[:count]
-    clean_result = accuracy.evaluate_split(step, variables, data.Split(clean_images, labels),
+    clean_result = accuracy.evaluate_split(step, variables, datasets.Split(clean_images, labels),
                                            batch_size, key, mesh)
     cells: Dict[str, Dict[str, Dict[str, float]]] = {}
     main, start = parallel.is_main_process(), time.time()
     for index, name in enumerate(names):
         cells[name] = {}
         for severity, images in archive.read(name, severities, count):
-            result = accuracy.evaluate_split(step, variables, data.Split(images, labels),
+            result = accuracy.evaluate_split(step, variables, datasets.Split(images, labels),
                                              batch_size, key, mesh)
             cells[name][str(severity)] = {"accuracy": result["clean_acc"],
                                           **_spectrum(images, clean_images)}

@@ -1,4 +1,4 @@
-"""The comparison table of `fpcm_jax.report` as Markdown (percent, mean ± std) and CSV (the
+"""The comparison table of `fpcm_jax.reports.report` as Markdown (percent, mean ± std) and CSV (the
 unrounded fractions, a mean, std and n column per figure)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`main.py --mode eval`: a trained model under each attack, a table and a JSON report.
 
 The model comes from its checkpoint (`loading.load_model`), the accuracy over the split from
-`fpcm_jax.accuracy` (or AutoAttack's own per-point bookkeeping). Each report is named by its
+`accuracy` (or AutoAttack's own per-point bookkeeping). Each report is named by its
 settings, `eval_<split>_<attacks>_<norm>-eps<eps>[_step<step>]_n<count>[_seed<seed>].json`,
 written whole, appended to the workdir's `evaluations.jsonl`, and while attacks run, what is
 finished is in `<report>.partial.json`. Each attack's entry holds the largest perturbation (in
@@ -19,8 +19,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
-from fpcm_jax import (accuracy, attacks, corruption_eval, corruptions, data, experiment, loading,
-                      parallel, plots, progress)
+from fpcm_jax import attacks, experiment, parallel, progress
+from fpcm_jax.data import corruptions, datasets
+from fpcm_jax.evaluation import accuracy, corruption_eval
+from fpcm_jax.reports import plots
+from fpcm_jax.runs import loading
 from fpcm_jax.files import append_json_line, write_json
 
 AUTOATTACK_NAMES = ("autoattack",) + attacks.STANDARD  # run with AutoAttack's bookkeeping
@@ -44,7 +47,7 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
                    corruption_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Evaluate a checkpoint on a split under each attack; print a table, write a JSON report.
 
-    The options are those `config_checks.check_evaluation` accepts. The model comes from the
+    The options are those `checks.check_evaluation` accepts. The model comes from the
     checkpoint (`loading.load_model`: its model.json), the data from config.data;
     `model_overrides` are model fields given on the command line, which must agree with the
     checkpoint; `allow_fallback` evaluates best_sum/ when best_robust/ is damaged. norm
@@ -117,7 +120,7 @@ def _new_report(config, info: Dict[str, Any], path: str, split: str, examples: i
     return report
 
 
-def _run_corruptions(config, model, variables, subset: data.Split, key, settings, mesh,
+def _run_corruptions(config, model, variables, subset: datasets.Split, key, settings, mesh,
                      report: Dict[str, Any], report_path: str) -> Dict[str, Any]:
     """Accuracy under each corruption and severity (`corruption_eval`); after each corruption,
     what is done goes into the partial report."""
@@ -148,7 +151,7 @@ def threat_model(config, norm: Optional[str], eps: Optional[float],
 def _load_for_dataset(config, path: str, mesh, model_overrides, allow_fallback: bool):
     """(model, variables, info, path) of the checkpoint, which must classify the config's
     dataset; an official PyTorch file is read as the config's model."""
-    spec = data.get_spec(config.data.name)
+    spec = datasets.get_spec(config.data.name)
     official = experiment.official_description(config.model.name, spec.num_classes,
                                                config.model.fpcm)
     model, variables, info, path = loading.load_model(
@@ -164,7 +167,7 @@ def _load_for_dataset(config, path: str, mesh, model_overrides, allow_fallback: 
 def _given_model(config, model, variables, description: Dict[str, Any], mesh):
     """(model, variables on the mesh, its description, '(given)') for a model given in Python;
     its logits must fit the config's dataset."""
-    spec = data.get_spec(config.data.name)
+    spec = datasets.get_spec(config.data.name)
     sharding = parallel.replicated(mesh)
     variables = jax.tree.map(lambda leaf: parallel.global_array(np.asarray(leaf), sharding),
                              dict(variables))
@@ -178,22 +181,22 @@ def _given_model(config, model, variables, description: Dict[str, Any], mesh):
     return model, variables, info, "(given in Python)"
 
 
-def _subset(config, split: str, num_examples: Optional[int]) -> data.Split:
+def _subset(config, split: str, num_examples: Optional[int]) -> datasets.Split:
     """The first `num_examples` (default all) of a split of the config's dataset (or
     CIFAR-10.1, a new test set of CIFAR-10)."""
     if split == "cifar10.1":
         settings = config.data
-        chosen = data.Split(*corruptions.cifar10_1(settings.data_dir, settings.download,
+        chosen = datasets.Split(*corruptions.cifar10_1(settings.data_dir, settings.download,
                                                    settings.source_url,
                                                    settings.source_sha256))
     else:
-        train_split, val_split, test_split = data.load_for(config)
+        train_split, val_split, test_split = datasets.load_for(config)
         chosen = {"test": test_split, "validation": val_split, "train": train_split}[split]
     count = len(chosen) if num_examples is None else min(num_examples, len(chosen))
-    return data.Split(chosen.images[:count], chosen.labels[:count])
+    return datasets.Split(chosen.images[:count], chosen.labels[:count])
 
 
-def _run_attack(name: str, model, variables, subset: data.Split, key, settings, mesh
+def _run_attack(name: str, model, variables, subset: datasets.Split, key, settings, mesh
                 ) -> Dict[str, Any]:
     """One attack of `attacks.get` over the subset, with a progress bar."""
     options = attacks.options_for(name, settings["eps"], settings["step_size"], settings["norm"])
@@ -230,7 +233,7 @@ def check_perturbation(name: str, settings: Dict[str, Any], largest: float,
             f"this is a bug in the attack, no report was written.")
 
 
-def _run_autoattack(name: str, model, variables, subset: data.Split, key, settings, mesh,
+def _run_autoattack(name: str, model, variables, subset: datasets.Split, key, settings, mesh,
                     report: Dict[str, Any], report_path: str) -> Dict[str, Any]:
     """AutoAttack (or one of its components) with its per-point bookkeeping; after each
     component, what is done goes into the partial report."""
@@ -250,7 +253,8 @@ def _run_autoattack(name: str, model, variables, subset: data.Split, key, settin
             _write_partial(report_path, report)
 
     logits_fn = lambda params, x: model.apply(params, x, train=False, progress=1.0)
-    result = attacks.autoattack(logits_fn, data.to_float(subset.images), subset.labels, key, eps,
+    result = attacks.autoattack(logits_fn, datasets.to_float(subset.images), subset.labels, key,
+                                eps,
                                 params=variables, attacks_to_run=components,
                                 batch_size=settings["batch_size"],
                                 put=lambda array: parallel.global_array(array, sharded),

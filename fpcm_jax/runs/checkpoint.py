@@ -4,7 +4,7 @@ A model checkpoint is a directory holding `variables/` (an orbax PyTree checkpoi
 {'params', 'batch_stats'}), `checksums.json` and `model.json` (the model's description,
 `fpcm_jax.experiment`). `model.json` is written last, so a directory without it is incomplete
 and is never loaded. Arrays are restored replicated over the devices present now, whatever
-devices or hosts saved them. (`fpcm_jax.loading.load_model` builds the model too: the one way
+devices or hosts saved them. (`fpcm_jax.runs.loading.load_model` builds the model too: the one way
 to load a trained model.)
 
 A training checkpoint (`TrainingCheckpoints`, in a run's `checkpoints/`) holds the whole train

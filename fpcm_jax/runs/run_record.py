@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import jax
 import ml_collections
 
-from fpcm_jax import __version__
+from fpcm_jax.version import __version__
 from fpcm_jax.files import append_json_line, write_json, written_whole
 
 CONFIG_SOURCE_FILE = "config.py"

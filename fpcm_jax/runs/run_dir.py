@@ -3,14 +3,14 @@
     run.json          the model the run trains (a model description, `fpcm_jax.experiment`);
                       a run resumed with another model is refused
     config.py, config.json, environment.json, record_history.jsonl
-                      the run's record (`fpcm_jax.run_record`): a resume that changes the
+                      the run's record (`fpcm_jax.runs.run_record`): a resume that changes the
                       experiment is refused before anything is written
     checkpoints/      the newest two train states, for resuming (`checkpoint.TrainingCheckpoints`)
     best_sum/         model checkpoints selected on the validation split: the best clean +
     best_robust/      robust accuracy, the best robust accuracy
-    metrics.jsonl     training and validation figures (`fpcm_jax.metrics`), tensorboard/
+    metrics.jsonl     training and validation figures (`fpcm_jax.runs.metrics`), tensorboard/
     summary.json      the final test figures, written at the end
-    evaluations.jsonl every `--mode eval` report (`fpcm_jax.evaluate`)
+    evaluations.jsonl every `--mode eval` report (`fpcm_jax.evaluation.evaluate`)
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional
 import jax
 import ml_collections
 
-from fpcm_jax import checkpoint, experiment, parallel, run_record
+from fpcm_jax import experiment, parallel
+from fpcm_jax.runs import checkpoint, run_record
 from fpcm_jax.files import write_json
 
 RUN_FILE = "run.json"

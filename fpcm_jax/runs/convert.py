@@ -1,7 +1,7 @@
 """Official PyTorch FPCM checkpoints (state_dict) -> Flax variables, and a CLI to save them.
 
     variables = convert.from_official("ResNet18-CIFAR10-PGD.pt", models.create("resnet18"))
-    python -m fpcm_jax.convert official.pt --model resnet18 --out DIR [--num-classes 10]
+    python -m fpcm_jax.runs.convert official.pt --model resnet18 --out DIR [--num-classes 10]
 
 Accepts a dict of arrays, an .npz whose keys are the state_dict names, or a .pt/.pth file as
 torch.save writes it, read without PyTorch by `torch_zip` (tensors and dicts only; no pickled
@@ -25,7 +25,8 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from fpcm_jax import checkpoint, experiment, models, parallel, torch_zip
+from fpcm_jax import experiment, models, parallel
+from fpcm_jax.runs import checkpoint, torch_zip
 
 OFFICIAL_FILE_SUFFIXES = (".pt", ".pth", ".npz")
 IGNORED_SUFFIXES = ("learnable_freq_control", "num_batches_tracked")
@@ -159,7 +160,7 @@ def _to_torch_layout(value: np.ndarray, path: Tuple[str, ...]) -> np.ndarray:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fpcm_jax.convert",
+        prog="python -m fpcm_jax.runs.convert",
         description="Convert an official PyTorch FPCM checkpoint to an fpcm-jax orbax checkpoint.")
     parser.add_argument("checkpoint", help="official .pt/.pth file (torch.save) or .npz")
     parser.add_argument("--model", required=True, help="resnet18, wrn-34-10, ...")

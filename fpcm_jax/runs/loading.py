@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
-from fpcm_jax import checkpoint, convert, experiment, models, parallel, run_dir
+from fpcm_jax import experiment, models, parallel
+from fpcm_jax.runs import checkpoint, convert, run_dir
 from fpcm_jax.models import imported
 from fpcm_jax.quiet_reads import first_line
 
@@ -41,7 +42,7 @@ def model_checkpoints(path: str, flag: str = "--checkpoint") -> List[str]:
             f"No model checkpoint at {path}: neither its {INFO} nor a best "
             f"checkpoint (best_robust/ or best_sum/) of a training run. Train there first or "
             f"pass {flag} PATH (a run directory, or a directory written by "
-            f"`python -m fpcm_jax.convert`).")
+            f"`python -m fpcm_jax.runs.convert`).")
     return found
 
 

@@ -2,10 +2,10 @@
 
 Each split is read once into NHWC uint8 numpy arrays; training keeps them on the accelerators
 and gathers batches by index inside the jitted step. Where the splits come from, first found:
-the splits prepared by `fpcm_jax.archives` (`<data dir>/fpcm_jax/<name>/`), tensorflow-datasets
+the splits prepared by `fpcm_jax.data.archives` (`<data dir>/fpcm_jax/<name>/`), tensorflow-datasets
 ArrayRecord data (read through `tfds.data_source`, which needs no TensorFlow), or else the
 official archive, downloaded (unless `data.download=False`), verified and prepared by
-`fpcm_jax.archives`, without TensorFlow (one process at a time; prepared splits are checked
+`fpcm_jax.data.archives`, without TensorFlow (one process at a time; prepared splits are checked
 against their SHA-256 on every read and prepared again when damaged). `data.prepare=True`
 prepares through tensorflow-datasets instead (needs TensorFlow).
 
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcm_jax import archives, parallel
+from fpcm_jax import parallel
+from fpcm_jax.data import archives
 from fpcm_jax.models.common import CIFAR10_MEAN, CIFAR10_STD
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

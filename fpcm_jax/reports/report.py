@@ -30,10 +30,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
-from fpcm_jax import plots, report_render, run_record
+from fpcm_jax.reports import plots, report_render
+from fpcm_jax.runs import run_record
 from fpcm_jax.files import written_whole
 
-# The run directory's files as fpcm_jax.run_dir, evaluate and metrics name them (not imported:
+# The run directory's files as fpcm_jax.runs.run_dir, evaluate and metrics name them (not imported:
 # they load orbax and the models, which a report does not need).
 RUN_FILE, SUMMARY_FILE, CONFIG_FILE = "run.json", "summary.json", run_record.CONFIG_FILE
 EVALUATIONS_FILE, METRICS_FILE = "evaluations.jsonl", "metrics.jsonl"

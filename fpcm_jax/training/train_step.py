@@ -24,7 +24,9 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from fpcm_jax import data, losses, models, parallel
+from fpcm_jax import models, parallel
+from fpcm_jax.data import datasets
+from fpcm_jax.training import losses
 from fpcm_jax.attacks.pgd import pgd_iterate, trades_l2_iterate, uniform_start
 
 BN_MODES = ("train", "batch_stats_frozen", "eval")
@@ -238,7 +240,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array], key: jax.Array):
         augment_key, attack_key = jax.random.split(jax.random.fold_in(key, state.step))
-        x = data.augment(batch["images"], augment_key, data_cfg.crop_padding, data_cfg.flip)
+        x = datasets.augment(batch["images"], augment_key, data_cfg.crop_padding, data_cfg.flip)
         y = batch["labels"]
         progress = cutoff_progress(state.step, steps_per_epoch, train_cfg.epochs,
                                    train_cfg.schedule_per)

@@ -1,13 +1,13 @@
 """The training loop: epochs, checkpoint cadence, the SIGTERM vote, validation and best models.
 
 `train_and_evaluate(config, workdir)` trains (or resumes) a run: each step is
-`fpcm_jax.train_step` (one jitted, data-parallel step), batches come from `data.Batches`, the
-run directory is kept by `fpcm_jax.run_dir` and the figures go through `fpcm_jax.metrics`.
-The output starts with the settings that define the run (its record, `fpcm_jax.run_record`:
+`train_step` (one jitted, data-parallel step), batches come from `datasets.Batches`, the run
+directory is kept by `runs.run_dir` and the figures go through `runs.metrics`.
+The output starts with the settings that define the run (its record, `fpcm_jax.runs.run_record`:
 a resume that changes them is refused before anything is written). At each epoch end
 (every `train.eval_every_epochs`) the model is validated (clean and PGD, eval mode, final
 cutoff) and the best models are saved; at the end it is tested. The config is assumed checked
-(`config_checks.check_training`, which main.py calls).
+(`checks.check_training`, which main.py calls).
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import ml_collections
 
-from fpcm_jax import (accuracy, data, experiment, layers, parallel, plots, progress, run_dir,
-                      run_record)
-from fpcm_jax import train_step as step_lib
-from fpcm_jax.metrics import MetricsWriter
+from fpcm_jax import experiment, layers, parallel, progress
+from fpcm_jax.data import datasets
+from fpcm_jax.evaluation import accuracy
+from fpcm_jax.reports import plots
+from fpcm_jax.runs import run_dir, run_record
+from fpcm_jax.training import train_step as step_lib
+from fpcm_jax.runs.metrics import MetricsWriter
 
 
 class TrainingError(RuntimeError):
@@ -61,10 +64,10 @@ class _Training:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.main = config, parallel.is_main_process()
         self.model, spec = experiment.build(config)
-        train_split, self.val_split, self.test_split = data.load_for(config)
-        extra = (data.load_extra(config.data.extra_path, spec, config.data.name)
+        train_split, self.val_split, self.test_split = datasets.load_for(config)
+        extra = (datasets.load_extra(config.data.extra_path, spec, config.data.name)
                  if config.data.extra_path else None)
-        self.batches = data.Batches(train_split, extra, config.train.batch_size,
+        self.batches = datasets.Batches(train_split, extra, config.train.batch_size,
                                     config.data.extra_fraction, config.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.train.epochs
@@ -248,12 +251,12 @@ def _show_on_bar(bar, shown: Optional[Dict[str, float]], rate: float, metrics: M
     bar.update(1)
 
 
-def _alpha_probe(model, split: data.Split, count: int, sharding) -> Callable:
+def _alpha_probe(model, split: datasets.Split, count: int, sharding) -> Callable:
     """variables -> each FPCM module's alpha on the first `count` images of a split ({} for
     a model without FPCM), for TensorBoard's histograms."""
     images = parallel.global_array(split.images[:count], sharding)
     apply = jax.jit(lambda variables, batch: model.apply(
-        variables, data.to_float(batch), train=False, progress=1.0,
+        variables, datasets.to_float(batch), train=False, progress=1.0,
         mutable=["intermediates"])[1])
     return lambda variables: layers.alphas_in(
         jax.tree.map(parallel.fetch, apply(variables, images)))

@@ -29,8 +29,11 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from fpcm_jax import data, layers, loading, models, parallel, plots
-from fpcm_jax.spectra import MAX_RADIUS, radius_grid
+from fpcm_jax import layers, models, parallel
+from fpcm_jax.data import datasets
+from fpcm_jax.reports import plots
+from fpcm_jax.runs import loading
+from fpcm_jax.evaluation.spectra import MAX_RADIUS, radius_grid
 from fpcm_jax.files import write_json
 
 def band_masks(height: int, width: int, num_bands: int) -> np.ndarray:
@@ -223,9 +226,9 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
     (process 0 only, when several processes run it)."""
     settings = config.analysis
     labels = list(labels) if labels else [_label(p) for p in checkpoint_paths]
-    _, _, test_split = data.load_for(config)
+    _, _, test_split = datasets.load_for(config)
     count = min(settings.num_examples, len(test_split))
-    x = np.asarray(data.to_float(test_split.images[:count]))
+    x = np.asarray(datasets.to_float(test_split.images[:count]))
     y = test_split.labels[:count]
     heat_count = min(settings.heatmap_examples, count)
     radii = list(np.linspace(0.05, MAX_RADIUS, settings.filter_steps))

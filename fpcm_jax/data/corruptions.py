@@ -30,8 +30,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fpcm_jax import archives
-from fpcm_jax.archives import ArchiveError
+from fpcm_jax.data import archives
+from fpcm_jax.data.archives import ArchiveError
 from fpcm_jax.files import write_json
 
 # The 15 corruptions of the benchmark (RobustBench's mean over them x 5 severities) and the 4

@@ -63,7 +63,7 @@ OFFICIAL = {
                    [Archive("imagenette2-160.tgz", 99003388,
                             "64d0c4859f35a461889e0147755a999a48b49bf38a7e0f9bd27003f10db02fe5")]),
 }
-# Test sets beyond the datasets' own (`fpcm_jax.corruptions`): Hendrycks and Dietterich's
+# Test sets beyond the datasets' own (`fpcm_jax.data.corruptions`): Hendrycks and Dietterich's
 # common corruptions on Zenodo (CIFAR-10-C's checksum is tensorflow-datasets'; none is published
 # for CIFAR-100-C where this was written: its first verified file is recorded instead), and
 # CIFAR-10.1 v6 (tensorflow-datasets' checksums). {dataset: (base URL, archives)}.
@@ -379,5 +379,5 @@ READERS = {"cifar10": _read_cifar10, "cifar100": _read_cifar100, "svhn": _read_s
            "imagenette": _read_imagenette}
 
 
-if __name__ == "__main__":  # python -m fpcm_jax.archives cifar10 [DATA_DIR]: prepare ahead
+if __name__ == "__main__":  # python -m fpcm_jax.data.archives cifar10 [DATA_DIR]: prepare ahead
     prepare(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
