@@ -165,8 +165,8 @@ def environment() -> Dict[str, Any]:
 
 def git_commit() -> Optional[Dict[str, Any]]:
     """{'commit', 'dirty'} of the project checkout fpcm_jax runs from; None when it runs from
-    an installed copy, or git is missing."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    an installed copy, or git is missing (this file is fpcm_jax/runs/run_record.py)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
