@@ -108,7 +108,7 @@ def main():
     if not os.path.exists(checkpoint):
         subprocess.run([sys.executable, "-c", (
             "import jax, jax.numpy as jnp, runpy, sys; sys.path[:0] = ['.', 'tests']\n"
-            "from fpcm_jax import checkpoint, experiment\n"
+            "from fpcm_jax import experiment\nfrom fpcm_jax.runs import checkpoint\n"
             f"config = runpy.run_path({config!r})['get_config']()\n"
             "model = experiment.model_from_description(experiment.describe(config))\n"
             "variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))\n"

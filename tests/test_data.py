@@ -181,7 +181,7 @@ def test_the_main_command_downloads_prepares_and_trains(served, tmp_path):
 
 PREPARER = """
 import hashlib, sys
-from fpcm_jax import archives
+from fpcm_jax.data import archives
 data_dir, url, digest = sys.argv[1:4]
 print("ready", flush=True)
 sys.stdin.readline()  # all start together

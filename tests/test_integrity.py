@@ -317,7 +317,8 @@ CUTTER = r"""
 import os, sys
 from orbax.checkpoint._src.path import async_path, deleter
 from conftest import tiny_config
-from fpcm_jax import experiment, run_dir
+from fpcm_jax import experiment
+from fpcm_jax.runs import run_dir
 from test_integrity import CUT_EXIT, make_state
 
 workdir, phase = sys.argv[1], sys.argv[2]

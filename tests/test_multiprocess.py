@@ -214,7 +214,9 @@ def test_eval_over_two_processes_reports_what_one_process_does(runs):
 
 LOGITS_SCRIPT = """
 import sys, numpy as np
-from fpcm_jax import checkpoint, data, loading, parallel
+from fpcm_jax import parallel
+from fpcm_jax.data import datasets
+from fpcm_jax.runs import checkpoint, loading
 parallel.setup()
 import jax
 model, variables, info, path = loading.load_model(sys.argv[1])
