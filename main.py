@@ -87,6 +87,27 @@ def model_overrides(argv, config):
     return {field: config.model[field] for field in fields if field in config.model}
 
 
+def settle_config(argv, config) -> None:
+    """What the flags mean beyond their values: `--config.S.F=None` unsets a tuple field
+    (ml_collections parses it as (None,)), and an import-path model named on the command line
+    drops the registry-model fields that the config file set (one line says which)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.startswith("--config.") and value.strip() == "None":
+            *sections, field = key[len("--config."):].split(".")
+            parent = config
+            for section in sections:
+                parent = parent[section]
+            if isinstance(parent[field], (tuple, list)) and list(parent[field]) == [None]:
+                parent[field] = None
+    from fpcm_jax import experiment  # no backend starts; imported after the flags
+    dropped = experiment.give_way_to_import_path(config, list(model_overrides(argv, config)))
+    if dropped:
+        fields = ", ".join(f"{field}={value!r}" for field, value in dropped.items())
+        print(f"note: {config.model.name} is your own model: the config file's registry-model "
+              f"fields {fields} were dropped (its options come from config.model.kwargs).")
+
+
 def run_mode(mode: str, config, overrides) -> int:
     """Check the mode's options (training.checks or evaluation.checks, once), then run it;
     the exit code."""
@@ -225,6 +246,7 @@ def parse_flags(argv):
 if __name__ == "__main__":
     try:
         remaining = parse_flags(sys.argv)
+        settle_config(sys.argv, FLAGS.config)
         sys.exit(main(remaining, model_overrides(sys.argv, FLAGS.config)))
     except app.UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -41,8 +41,12 @@ def get_config():
     config.data.name = "cifar10"            # cifar10 | cifar100 | svhn | imagenette | digits
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir
     config.data.download = True             # download the official archive if not prepared
-    config.data.source_url = ""             # a mirror's base URL (default: the official one)
-    config.data.source_sha256 = ""          # 'file:sha256,...' of non-official files
+    config.data.source_url = ""             # a mirror's base URL for the training dataset's
+                                            # archives (default: the official one)
+    config.data.test_sets_url = ""          # a mirror's base URL for CIFAR-10-C/-100-C and
+                                            # CIFAR-10.1 (default: the official ones)
+    config.data.source_sha256 = ""          # 'file:sha256,...' of non-official files (a bare
+                                            # sha256: the training dataset's one archive)
     config.data.prepare = False             # prepare through tfds instead (needs tensorflow-cpu)
     config.data.validation_size = 1000      # held out of the training split for model selection
     config.data.flip = True                 # random horizontal flip (not for SVHN)

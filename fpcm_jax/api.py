@@ -52,18 +52,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return train.train_and_evaluate(config, workdir)
 
 
+# The options of evaluate_model that main.py's --mode eval checks too (its flags' names).
+CHECKED_OPTIONS = ("num_examples", "batch_size", "eps", "step_size", "norm", "split")
+
+
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
-             attacks: Sequence[str] = ("pgd20",), checkpoint: Optional[str] = None,
-             model: Any = None, variables: Optional[Dict[str, Any]] = None,
-             **options) -> Dict[str, Any]:
+                   attacks: Sequence[str] = ("pgd20",), checkpoint: Optional[str] = None,
+                   model: Any = None, variables: Optional[Dict[str, Any]] = None,
+                   corruptions: Optional[Sequence[str]] = None,
+                   severities: Optional[Sequence[int]] = None, **options) -> Dict[str, Any]:
     """`main.py --mode eval`: the attacks on a checkpoint (default: the workdir's best model),
     or on `model` with its `variables` given here; writes the report into workdir and returns
-    it. options: num_examples, batch_size, eps, step_size, norm, seed, split."""
+    it. options: num_examples, batch_size, eps, step_size, norm, seed, split (as main.py's
+    flags), autoattack_options; corruptions and severities choose what the `corruptions`
+    evaluation covers. Every option is checked as main.py checks it (the same function)."""
     if (model is None) != (variables is None):
         raise ValueError("Give both model and variables (or neither, to load a checkpoint).")
     names = evaluation_checks.check_evaluation(
-        config, ",".join(attacks), options.get("num_examples"), options.get("batch_size"),
-        options.get("eps"), options.get("step_size"), options.get("norm"))
+        config, ",".join(attacks), corruption_names=corruptions, severities=severities,
+        **{name: options[name] for name in CHECKED_OPTIONS if name in options})
     given = None
     if model is not None:
         try:
@@ -72,4 +79,5 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
             import_path, kwargs = f"{type(model).__module__}:{type(model).__qualname__}", None
         given = (model, variables, {"name": import_path, "kwargs": kwargs, "given": "Python"})
     return evaluation.run_evaluation(config, workdir, names, checkpoint, given=given,
-                                     **options)
+                                     corruption_options={"names": corruptions,
+                                                         "severities": severities}, **options)

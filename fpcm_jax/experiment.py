@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from flax import linen as nn
@@ -89,6 +89,20 @@ def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
     return {"name": name, "kwargs": imported.call_kwargs(factory, kwargs, num_classes),
             "num_classes": num_classes, "dataset": dataset,
             "code": imported.code_fingerprint(name)}
+
+
+def give_way_to_import_path(config, given: Sequence[str]) -> Dict[str, Any]:
+    """When config.model.name is an import path (your own model) named on the command line,
+    the registry-model fields that the config file set (not in `given`, the model fields set on
+    the command line) return to their defaults; returns those dropped with their values.
+    Fields given on the command line stay, and `describe` refuses them."""
+    if not imported.is_import_path(config.model.name) or "name" not in given:
+        return {}
+    dropped = {field: config.model[field] for field, default in REGISTRY_FIELDS.items()
+               if field not in given and normalized_field(config.model[field]) != default}
+    for field in dropped:
+        config.model[field] = REGISTRY_FIELDS[field]
+    return dropped
 
 
 def normalized_field(value: Any) -> Any:

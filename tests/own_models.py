@@ -144,3 +144,22 @@ class ReadsMarker(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
         marker = jnp.floor(jnp.round(x[:, 0, 0, 0] * 255.0) / 16.0).astype(jnp.int32)
         return bias + 10.0 * jax.nn.one_hot(marker, self.num_classes)
+
+
+class NaNOffGrid(nn.Module):
+    """A linear classifier whose logits are NaN wherever an image leaves the 1/255 grid (any
+    attack's first step or random start does), and also on every image brighter than
+    `nan_above` (mean pixel, in [0, 1]; default never): finite on the clean uint8 images
+    unless asked otherwise, a numerically unstable model under attack."""
+
+    num_classes: int = 10
+    nan_above: float = 2.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, progress: Any = 1.0):
+        flat = x.reshape(x.shape[0], -1)
+        logits = nn.Dense(self.num_classes)(flat)
+        pixels = flat * 255.0
+        unstable = ((jnp.max(jnp.abs(pixels - jnp.round(pixels)), axis=1) > 1e-3) |
+                    (jnp.mean(flat, axis=1) > self.nan_above))
+        return jnp.where(unstable[:, None], jnp.nan, logits)

@@ -90,3 +90,42 @@ def test_every_config_file_is_valid(tmp_path):
             (tmp_path / "extra.npz").write_bytes(b"")
             config.data.extra_path = str(tmp_path / "extra.npz")
         training_checks.check_training(config)
+
+
+def test_an_own_model_on_the_command_line_drops_the_config_files_registry_fields():
+    """Issue 37, item 10: configs/tiny.py sets widths and stage_sizes for the registry's
+    ResNet; naming an own model on the command line drops them with one note, while a
+    registry field given on the same command line stays an error; `=None` unsets a tuple."""
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO}/tests")
+    own = ["--mode", "info", "--config.model.name=own_models:TinyCNN"]
+    result = subprocess.run([sys.executable, "main.py", *TINY, *own], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes == ["note: own_models:TinyCNN is your own model: the config file's "
+                     "registry-model fields widths=(16, 32, 64, 128), stage_sizes=(1, 1, 1, 1) "
+                     "were dropped (its options come from config.model.kwargs)."]
+    assert "own_models:TinyCNN for digits: 1,634 parameters" in result.stdout
+    result = subprocess.run([sys.executable, "main.py", *TINY, *own,
+                             "--config.model.widths=8,8,8,8"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == ("error: --config.model.widths=[8, 8, 8, 8] applies to the "
+                             "registry's models; own_models:TinyCNN takes its options from "
+                             "config.model.kwargs (reset the field, e.g. in your config "
+                             "file).\n")
+    result = run_main(*TINY, "--mode", "info", "--config.model.widths=None",
+                      "--config.model.stage_sizes=None")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("resnet18 (FPCM: True) for digits")  # the default widths
+
+
+def test_give_way_to_import_path_resets_only_the_config_files_fields():
+    config = tiny_config(model__name="own_models:TinyCNN", model__activation="swish")
+    dropped = experiment.give_way_to_import_path(config, ["name", "activation"])
+    assert dropped == {"widths": (8, 8, 8, 8), "stage_sizes": (1, 1, 1, 1)}
+    assert config.model.widths is None and config.model.stage_sizes is None
+    assert config.model.activation == "swish"  # given on the command line: describe refuses it
+    registry = tiny_config()
+    assert experiment.give_way_to_import_path(registry, ["name"]) == {}
+    assert registry.model.widths == (8, 8, 8, 8)

@@ -9,6 +9,7 @@ corruption is read, the one before it is no longer in memory.
 """
 
 import gc
+import gzip
 import hashlib
 import io
 import json
@@ -99,7 +100,8 @@ def marker_config(mirror, data_dir):
     config = tiny_config(model__name="own_models:ReadsMarker", model__widths=None,
                          model__stage_sizes=None, data__name="cifar10",
                          data__data_dir=str(data_dir), data__validation_size=0,
-                         data__source_url=f"{server.url}/files", data__source_sha256=sha256)
+                         data__source_url=f"{server.url}/files",
+                         data__test_sets_url=f"{server.url}/files", data__source_sha256=sha256)
     config.model.kwargs = {}
     return config
 
@@ -150,6 +152,28 @@ def test_every_cell_and_mean_is_the_known_accuracy(mirror, tmp_path):
     assert {"corruptions mean n=40 [checkpoint]", "low-freq. corruptions n=40 [checkpoint]",
             "high-freq. corruptions n=40 [checkpoint]"} <= set(labels)
     assert os.path.getsize(tmp_path / "table" / report.CORRUPTIONS_FIGURE) > 1000
+    # Issue 37, item 4: the later subset (fog; severities 2 and 5) has a column of its own,
+    # named by the subset; the benchmark's column keeps the whole benchmark's mean.
+    cells = {label: cell["value"] for label, cell in table["runs"][0]["cells"].items()}
+    assert cells["corruptions mean n=40 [checkpoint]"] == entry["mean_standard"]
+    fog = [right_markers(corruptions.ALL.index("fog"), s) / COUNT for s in (2, 5)]
+    assert cells["corruptions mean n=40 [checkpoint] (1 of 15: fog; severities 2,5)"] == (
+        pytest.approx(np.mean(fog), abs=1e-12))
+    assert cells["extra corruptions n=40 [checkpoint] (1 of 4: saturate; severities 2,5)"] == (
+        chosen["attacks"]["corruptions"]["mean_extra"])
+
+
+def test_a_subset_mean_is_named_as_a_subset():
+    """Issue 37, item 4: the printed mean over a choice of corruptions says how many of the
+    15 standard (or 4 extra) ones it covers."""
+    chosen = ["gaussian_noise", "contrast", "brightness", "gaussian_blur", "impulse_noise"]
+    assert evaluate.corruption_mean_label(chosen, corruptions.STANDARD) == (
+        "mean over 4 of the 15 standard corruptions (gaussian_noise, contrast, brightness, "
+        "impulse_noise)")
+    assert evaluate.corruption_mean_label(chosen, corruptions.EXTRA) == (
+        "mean over 1 of the 4 extra corruptions (gaussian_blur)")
+    assert evaluate.corruption_mean_label(list(corruptions.ALL), corruptions.STANDARD) == (
+        "mean over the 15 standard corruptions")
 
 
 def test_only_one_corruption_is_in_memory_at_a_time(mirror, tmp_path, monkeypatch):
@@ -242,7 +266,7 @@ def test_a_missing_or_damaged_archive_is_one_line(mirror, tmp_path):
     with pytest.raises(archives.ArchiveError, match="place CIFAR-10-C.tar"):
         corruptions.CorruptionArchive("cifar10", str(tmp_path / "data"), download=False)
     located = corruptions.CorruptionArchive("cifar10", str(tmp_path / "data"), True,
-                                            config.data.source_url, config.data.source_sha256)
+                                            config.data.test_sets_url, config.data.source_sha256)
     offset, size = located.members["fog"][:2]
     with open(located.path, "r+b") as handle:  # flip a byte inside fog.npy, keep the time
         stat = os.stat(located.path)
@@ -251,7 +275,8 @@ def test_a_missing_or_damaged_archive_is_one_line(mirror, tmp_path):
         handle.seek(offset + size // 2)
         handle.write(bytes([byte[0] ^ 0xFF]))
     os.utime(located.path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    again = corruptions.CorruptionArchive("cifar10", str(tmp_path / "data"), False)
+    again = corruptions.CorruptionArchive("cifar10", str(tmp_path / "data"), False,
+                                          source_sha256=config.data.source_sha256)
     with pytest.raises(archives.DamagedData, match="fog.npy differs") as raised:
         list(again.read("fog", [1], 5))
     assert "\n" not in str(raised.value)
@@ -277,3 +302,60 @@ def test_cifar100_c_records_its_first_verified_file_and_refuses_another(tmp_path
     os.remove(tmp_path / "fpcm_jax" / "cifar100_corrupted" / corruptions.MEMBERS_FILE)
     with pytest.raises(archives.ArchiveError, match="lacks CIFAR-100-C/fog.npy"):
         corruptions.CorruptionArchive("cifar100", str(tmp_path), download=False)
+
+
+def test_an_archive_accepted_under_a_custom_checksum_is_verified_again(mirror, tmp_path):
+    """Issue 37, item 2: CIFAR-10-C.tar accepted once under `file:sha256` is refused when the
+    official checksum is required again (the required checksum is part of the cached index),
+    and accepted again under the custom one without a new download."""
+    server, files, sha256, _, _ = mirror
+    data_dir = str(tmp_path / "data")
+    custom = corruptions.CorruptionArchive("cifar10", data_dir, True, f"{server.url}/files",
+                                           sha256)
+    official = archives.CORRUPTIONS["cifar10"][1][0].sha256
+    with pytest.raises(archives.ArchiveError, match=f"not the expected {official}") as raised:
+        corruptions.CorruptionArchive("cifar10", data_dir, download=False)
+    assert "\n" not in str(raised.value)
+    requests = len(server.requests)
+    again = corruptions.CorruptionArchive("cifar10", data_dir, False, "", sha256)
+    assert again.members == custom.members and len(server.requests) == requests
+
+
+def test_a_bare_digest_and_the_source_url_are_the_training_datasets_only(mirror, tmp_path):
+    """Issue 37, item 3: a bare data.source_sha256 (the CIFAR-10 mirror's archive) leaves the
+    test sets' official checksums in place, and data.source_url is not their mirror:
+    CIFAR-10-C comes from data.test_sets_url, CIFAR-10.1's files too."""
+    server, files, sha256, _, _ = mirror
+    cifar_digest = hashlib.sha256(files["cifar-10-binary.tar.gz"]).hexdigest()
+    for dataset_files in (archives.CORRUPTIONS["cifar10"][1], archives.CIFAR10_1[1]):
+        assert archives.with_checksums(dataset_files, cifar_digest,
+                                       training_dataset=False) == dataset_files
+    [cifar] = archives.with_checksums(archives.OFFICIAL["cifar10"][1], cifar_digest)
+    assert cifar.sha256 == cifar_digest
+    config = marker_config(mirror, tmp_path / "data")
+    config.data.source_sha256 = cifar_digest  # only the training archive's, bare
+    saved = marker_checkpoint(config, tmp_path / "ckpt")
+    official = archives.CORRUPTIONS["cifar10"][1][0].sha256
+    with pytest.raises(archives.ArchiveError, match=f"not {official}"):
+        evaluate.run_evaluation(config, str(tmp_path / "eval"), ["corruptions"], saved)
+    # data.source_url (the mirror) set, test_sets_url not: CIFAR-10.1 is the official file's
+    config.data.source_sha256, config.data.test_sets_url = sha256, ""
+    config.data.download, config.data.data_dir = False, str(tmp_path / "fresh")
+    base_url = archives.CIFAR10_1[0]
+    with pytest.raises(archives.ArchiveError, match=f"from {base_url}cifar10.1_v6_data.npy"):
+        evaluate.run_evaluation(config, str(tmp_path / "eval"), ["none"], saved,
+                                split="cifar10.1")
+
+
+def test_a_compressed_corruption_archive_is_refused_in_one_line(tmp_path):
+    """Issue 37, item 8: CIFAR-100-C.tar gzip-compressed (member offsets would point into the
+    decompressed stream) is refused, naming the fix."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), np.arange(6) % 10
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "CIFAR-100-C.tar").write_bytes(
+        gzip.compress(corruption_tar("CIFAR-100-C", images, labels), mtime=0))
+    with pytest.raises(archives.ArchiveError, match="is not an uncompressed tar") as raised:
+        corruptions.CorruptionArchive("cifar100", str(tmp_path), download=False)
+    assert "\n" not in str(raised.value) and "decompress it first" in str(raised.value)

@@ -118,3 +118,50 @@ def test_an_interrupted_autoattack_keeps_the_components_it_finished(tiny_run, mo
     assert saved["complete"] is False and saved["attacks"]["pgd2"]["robust_acc"] >= 0
     assert saved["attacks"]["autoattack"]["components_done"] == "apgd-ce"
     assert 0 <= saved["attacks"]["autoattack"]["robust_acc_so_far"] <= 1
+
+
+def constant7():
+    import jax
+    import jax.numpy as jnp
+
+    import own_models
+    model = own_models.Constant7()
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("changes, options, message", [
+    ({"data__name": "cifar100"}, {"split": "cifar10.1"},
+     "--split cifar10.1 is a new test set of CIFAR-10; the config's dataset is cifar100."),
+    ({}, {"corruptions": ["fog"]}, "--corruptions and --severities choose what --attack "
+                                   "corruptions evaluates: add corruptions to --attack."),
+    ({"data__name": "cifar10"}, {"split": "train", "attacks": ["corruptions"]},
+     "--split train has none"),
+])
+def test_evaluate_model_checks_what_the_command_line_checks(changes, options, message,
+                                                            tmp_path):
+    """Issue 37, item 5: fpcm_jax.evaluate_model refuses what --mode eval refuses, before any
+    work (no dataset is read: CIFAR-100 is not here)."""
+    import fpcm_jax
+    model, variables = constant7()
+    attacks = options.pop("attacks", ["none"])
+    with pytest.raises(ValueError) as raised:
+        fpcm_jax.evaluate_model(tiny_config(**changes), str(tmp_path), attacks, model=model,
+                                variables=variables, **options)
+    assert message in str(raised.value)
+    assert not os.path.exists(tmp_path / "eval") and os.listdir(tmp_path) == []
+
+
+def test_an_evaluation_of_the_test_split_needs_no_validation_split(tmp_path):
+    """Issue 37, item 9: data.validation_size larger than the training split (1,500 digits)
+    does not stop an evaluation of the test split, which never reads it; it still stops one
+    of the validation split."""
+    import fpcm_jax
+    model, variables = constant7()
+    config = tiny_config(data__validation_size=5000)
+    report = fpcm_jax.evaluate_model(config, str(tmp_path / "test"), ["none"], model=model,
+                                     variables=variables, num_examples=20)
+    _, _, test = datasets.load("digits")
+    assert report["attacks"]["none"]["clean_acc"] == np.mean(test.labels[:20] == 7)
+    with pytest.raises(datasets.DatasetError, match="validation_size=5000 must lie in"):
+        fpcm_jax.evaluate_model(config, str(tmp_path / "val"), ["none"], model=model,
+                                variables=variables, num_examples=20, split="validation")

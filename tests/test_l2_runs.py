@@ -70,7 +70,7 @@ def test_an_attack_outside_its_ball_or_the_box_stops_the_evaluation(tiny_run, mo
     monkeypatch.setattr(evaluate.attacks, "get", lambda name, **options: (
         lambda logits_fn, x, y, key: broken(x, options["eps"])))
     before = sorted(os.listdir(workdir))
-    with pytest.raises(evaluate.PerturbationError, match=re.escape(message)):
+    with pytest.raises(accuracy.PerturbationError, match=re.escape(message)):
         evaluate.run_evaluation(config, str(workdir), ["pgd1"], num_examples=8, batch_size=8,
                                 norm=norm)
     assert sorted(os.listdir(workdir)) == before

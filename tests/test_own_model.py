@@ -222,3 +222,36 @@ def test_changed_or_missing_model_code_is_named_on_eval_and_resume(tmp_path, cap
     with pytest.raises(imported.ModelProtocolError, match="cannot import the model") as raised:
         loading.load_model(saved)
     assert str(source) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_code_fingerprint_names_the_changed_file_of_the_package(tmp_path, monkeypatch):
+    """Issue 37, item 7: a model defined in a package (re-exported by its __init__, and again
+    by a module outside it) is fingerprinted with every source file of the packages involved,
+    and an edit to a helper file or to the defining file is named, alone."""
+    from fpcm_jax.models import imported
+    package = f"netpkg_{os.getpid()}"
+    root = tmp_path / "code"
+    (root / package).mkdir(parents=True)
+    files = {"__init__.py": "from .nets import Net\n",
+             "nets.py": ("import flax.linen as nn\nfrom . import helpers\n\n\n"
+                         "class Net(nn.Module):\n    num_classes: int = 10\n\n"
+                         "    @nn.compact\n    def __call__(self, x, train=False, progress=1.0):\n"
+                         "        return nn.Dense(self.num_classes)(x.reshape(len(x), -1) * "
+                         "helpers.SCALE)\n"),
+             "helpers.py": "SCALE = 1.0\n"}
+    for name, text in files.items():
+        (root / package / name).write_text(text)
+    (root / f"outside_{os.getpid()}.py").write_text(f"from {package}.nets import Net\n")
+    monkeypatch.syspath_prepend(str(root))
+    for import_path in (f"{package}:Net", f"outside_{os.getpid()}:Net"):
+        recorded = imported.code_fingerprint(import_path)
+        assert {os.path.basename(path) for path in recorded["files"]} >= set(files)
+        assert imported.code_changes(recorded, import_path) is None
+        for name, edit in (("helpers.py", "SCALE = 2.0\n"), ("nets.py", files["nets.py"] + "#\n")):
+            path = str(root / package / name)
+            (root / package / name).write_text(edit)
+            message = imported.code_changes(recorded, import_path)
+            assert f"{path}: SHA-256 {recorded['files'][path]} then, " in message
+            others = [p for p in recorded["files"] if p != path]
+            assert not any(f"{other}:" in message for other in others)
+            (root / package / name).write_text(files[name])

@@ -248,7 +248,8 @@ MAY_CHANGE_ON_RESUME = {
     "analysis.filter_steps", "analysis.heatmap_examples", "analysis.heatmap_l2_norm",
     "analysis.feature_examples", "attack.loop", "eval.autoattack_fitted_batches",
     "model.fpcm_lowpass", "data.data_dir",
-    "data.download", "data.source_url", "data.source_sha256", "data.prepare", "multihost"}
+    "data.download", "data.source_url", "data.test_sets_url", "data.source_sha256",
+    "data.prepare", "multihost"}
 
 
 def another_value(value, field_type):

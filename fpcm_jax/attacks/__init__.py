@@ -17,6 +17,7 @@ from fpcm_jax.attacks._common import BALL_TOLERANCE, NORMS, ball_limit, check_no
 from fpcm_jax.attacks.apgd import (apgd, apgd_stage, apgd_targeted, checkpoint_schedule, dlr_loss,
                                    dlr_targeted_loss)
 from fpcm_jax.attacks.autoattack import STANDARD, ConsistencyError, autoattack
+from fpcm_jax.attacks.finite import NonFiniteError, check_finite, nonfinite_error, nonfinite_points
 from fpcm_jax.attacks.fab import fab_targeted, fab_targeted_stage, projection_l2, projection_linf
 from fpcm_jax.attacks.pgd import (cw, cw_margin, fgm, fgsm, pgd, pgd_iterate, project,
                                    uniform_start)
@@ -29,4 +30,6 @@ __all__ = ["get", "autoattack", "STANDARD", "ATTACK_NAMES", "pgd", "fgsm", "fgm"
            "apgd_targeted", "checkpoint_schedule", "dlr_loss", "dlr_targeted_loss",
            "fab_targeted", "fab_targeted_stage", "projection_linf", "projection_l2",
            "square_attack", "square_stage", "p_selection", "options_for", "takes_step_size",
-           "NORMS", "check_norm", "norms", "BALL_TOLERANCE", "ball_limit", "ConsistencyError", "DEFAULT_EPS", "DEFAULT_STEP_SIZE", "check_supports"]
+           "NORMS", "check_norm", "norms", "BALL_TOLERANCE", "ball_limit", "ConsistencyError",
+           "DEFAULT_EPS", "DEFAULT_STEP_SIZE", "check_supports",
+           "NonFiniteError", "check_finite", "nonfinite_error", "nonfinite_points"]

@@ -100,9 +100,18 @@ def pick(logits: jax.Array, classes: jax.Array) -> jax.Array:
 
 
 def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """z_y - max_{i != y} z_i per example (negative means misclassified)."""
+    """z_y - max_{i != y} z_i per example (negative means misclassified); -inf where the
+    logits are not finite, so an attack keeps such a point and its evaluation refuses it."""
     others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
-    return pick(logits, labels) - others.max(axis=1)
+    value = pick(logits, labels) - others.max(axis=1)
+    return jnp.where(jnp.isfinite(logits).all(axis=1), value, -jnp.inf)
+
+
+def correct_and_finite(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Whether each example is classified as its label by finite logits. An attack counts a
+    point with NaN or infinite logits as fooled (the argmax of a NaN row would be class 0), so
+    it returns that point and the evaluation stops on it (`finite`) instead of counting it."""
+    return (jnp.argmax(logits, axis=1) == labels) & jnp.isfinite(logits).all(axis=1)
 
 
 def target_ranks(n_target_classes: int) -> range:
@@ -123,7 +132,7 @@ def over_target_ranks(stage: Callable[[int, int], Tuple[jax.Array, jax.Array]],
     """x_adv from stage(index, target_rank) -> (x_adv, robust), run for each target rank in
     turn: a point takes the first stage's x_adv that fools it; points misclassified at the
     clean image stay clean."""
-    robust = jnp.argmax(logits_fn(x), axis=1) == y
+    robust = correct_and_finite(logits_fn(x), y)
     x_out = x
     for index, target_rank in enumerate(target_ranks(n_target_classes)):
         x_adv, still = stage(index, target_rank)

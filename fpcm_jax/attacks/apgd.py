@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fpcm_jax.attacks._common import (check_norm, clip_to_ball, example_keys, fixed_loop, norms,
-                                      over_target_ranks, per_example, pick, ranked_class)
+from fpcm_jax.attacks._common import (check_norm, clip_to_ball, correct_and_finite,
+                                      example_keys, fixed_loop, norms, over_target_ranks,
+                                      per_example, pick, ranked_class)
 from fpcm_jax.attacks.conv_layout import input_gradient
 
 # The official code's guard in its normalisations (`normalize`: x / (||x|| + 1e-12)).
@@ -148,7 +149,7 @@ def apgd_run(loss_fn: Callable[[jax.Array], Tuple[jax.Array, jax.Array]], x: jax
 
     def evaluate(inputs):
         grad, (loss, logits) = grad_fn(inputs)
-        return grad, loss, jnp.argmax(logits, axis=1) == y
+        return grad, loss, correct_and_finite(logits, y)
 
     x_adv = _random_start(x, key, eps, start_noise, norm)
     grad, loss, correct = evaluate(x_adv)

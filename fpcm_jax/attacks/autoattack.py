@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpcm_jax.attacks._common import ball_limit, check_norm, norms, target_ranks
+from fpcm_jax.attacks.finite import check_finite, nonfinite_error
 from fpcm_jax.attacks.registry import COMPONENTS, Attack, component
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -145,6 +146,7 @@ def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
     count = len(call.y)
     predict = _predict_fn(call)
     clean_logits = _logits_of(call, call.x)
+    check_finite("AutoAttack's clean pass", "logits", clean_logits)
     robust = clean_logits.argmax(1) == call.y
     warnings = _output_warnings(lambda inputs: call.fetch(predict(call.params, inputs)),
                                 call.put(call.x[np.resize(np.arange(count), call.batch_size)]),
@@ -159,11 +161,6 @@ def _clean_pass(call: _Call) -> Tuple[Dict[str, Any], np.ndarray]:
 def _predict_fn(call: _Call) -> Callable:
     """The jitted logits of one batch: the one function every verdict comes from."""
     return call.cache.setdefault("predict", jax.jit(call.apply))
-
-
-def _predictions(call: _Call, batch: jax.Array) -> np.ndarray:
-    """The classes predicted for a batch already on the devices (padded), as numpy."""
-    return call.fetch(_predict_fn(call)(call.params, batch)).argmax(1)
 
 
 def _logits_of(call: _Call, images: np.ndarray) -> np.ndarray:
@@ -202,7 +199,7 @@ def _run_stage_batches(call: _Call, run: Callable, where: Tuple[str, int, int],
     attacked = np.flatnonzero(robust)
     if call.on_batch is not None:  # the stage starts (its first batch also compiles it)
         call.on_batch(*where, 0, len(attacked), int(robust.sum()))
-    zero_grad_points = 0
+    zero_grad_points, nonfinite = 0, {}  # what -> indices of points not finite
     for chosen, padded in _batches(attacked, call.batch_size, call.fitted_batches):
         adv_batch, _, zero = run(call.params, call.put(call.x[padded]), call.put(call.y[padded]),
                                  call.put(padded.astype(np.int32)),
@@ -211,7 +208,9 @@ def _run_stage_batches(call: _Call, run: Callable, where: Tuple[str, int, int],
         # As the reference: the returned examples are classified again, and only that decides
         # (never the flags the attack computed inside its loop).
         adv = call.fetch(adv_batch)[:len(chosen)]
-        misclassified = _predictions(call, adv_batch)[:len(chosen)] != call.y[chosen]
+        logits = call.fetch(_predict_fn(call)(call.params, adv_batch))[:len(chosen)]
+        finite = _note_nonfinite(nonfinite, chosen, adv, logits)
+        misclassified = (logits.argmax(1) != call.y[chosen]) & finite
         fooled = chosen[misclassified]
         x_adv[fooled] = adv[misclassified]
         robust[fooled] = False
@@ -219,7 +218,23 @@ def _run_stage_batches(call: _Call, run: Callable, where: Tuple[str, int, int],
         if call.on_batch is not None:
             done = int(np.searchsorted(attacked, chosen[-1])) + 1
             call.on_batch(*where, done, len(attacked), int(robust.sum()))
+    for what, points in nonfinite.items():
+        raise nonfinite_error(f"AutoAttack's {where[0]}", what, len(points), int(min(points)))
     return zero_grad_points
+
+
+def _note_nonfinite(nonfinite: Dict[str, List[int]], chosen: np.ndarray, adv: np.ndarray,
+                    logits: np.ndarray) -> np.ndarray:
+    """Record the points of a batch whose example or logits are not finite (by what); the
+    flags of the finite ones."""
+    finite = np.ones(len(chosen), bool)
+    for what, values in (("adversarial examples", adv),
+                         ("logits at its adversarial examples", logits)):
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            nonfinite.setdefault(what, []).extend(chosen[bad].tolist())
+        finite &= ~bad
+    return finite
 
 
 def _finish(result: Dict[str, Any], call: _Call, robust: np.ndarray, x_adv: np.ndarray,
@@ -251,16 +266,19 @@ def check_consistency(call: _Call, result: Dict[str, Any]) -> Dict[str, Any]:
     identical passes (result["randomised"]) a second classification may differ: those
     disagreements are counted in the returned dict instead; the ball and the box still raise."""
     clean, robust, x_adv = result["clean_flags"], result["robust_flags"], result["x_adv"]
-    correct_at_adv = _logits_of(call, x_adv).argmax(1) == call.y
+    logits_at_adv = _logits_of(call, x_adv)
+    check_finite("AutoAttack's final re-classification", "logits", logits_at_adv)
+    correct_at_adv = logits_at_adv.argmax(1) == call.y
     verdicts = [(robust & ~clean, "counted robust but misclassified clean"),
                 (robust & ~correct_at_adv, "counted robust but misclassified at its x_adv"),
                 (clean & ~robust & correct_at_adv,
                  "counted fooled but classified correctly at its x_adv")]
     distances = np.asarray(norms(x_adv - call.x, call.norm)) if len(x_adv) else np.zeros(0)
-    geometry = [(distances > ball_limit(call.eps),
+    # Written so that NaN fails: a NaN distance or pixel is never inside the ball or the box.
+    geometry = [(~(distances <= ball_limit(call.eps)),
                  f"x_adv outside the {call.norm} ball of radius {call.eps:.6g}"),
-                ((x_adv < 0).reshape(len(x_adv), -1).any(1) |
-                 (x_adv > 1).reshape(len(x_adv), -1).any(1), "x_adv outside [0, 1]")]
+                (~((x_adv >= 0) & (x_adv <= 1)).reshape(len(x_adv), -1).all(1),
+                 "x_adv outside [0, 1]")]
     randomised = result.get("randomised", False)
     for flags, what in geometry + ([] if randomised else verdicts):
         if np.any(flags):

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from fpcm_jax.attacks._common import (check_norm, fixed_loop, norms, over_target_ranks,
-                                      per_example, pick, ranked_class)
+from fpcm_jax.attacks._common import (check_norm, correct_and_finite, fixed_loop, norms,
+                                      over_target_ranks, per_example, pick, ranked_class)
 from fpcm_jax.attacks.conv_layout import input_gradient
 
 
@@ -163,7 +163,7 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
         alpha = jnp.clip(size[:batch] / (size[:batch] + size[batch:]), 0.0, alpha_max)
         alpha = per_example(alpha, x)
         x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + eta * d2) * alpha, 0.0, 1.0)
-        is_adv = jnp.argmax(logits_fn(x1), axis=1) != y
+        is_adv = ~correct_and_finite(logits_fn(x1), y)
         distance = norms(x1 - x, norm)
         better = is_adv & (distance < best_norm)
         best = jnp.where(per_example(better, x), x1, best)
@@ -176,7 +176,7 @@ def fab_targeted_stage(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array
     _, best, best_norm = fixed_loop(n_iter, body, init, unroll, max_unrolled=0)
     found = correct & (best_norm < 1e10)
     x_adv = jax.lax.stop_gradient(jnp.where(per_example(found, x), best, x))
-    still_correct = jnp.argmax(logits_fn(x_adv), axis=1) == y
+    still_correct = correct_and_finite(logits_fn(x_adv), y)
     too_far = norms(x_adv - x, norm) > eps
     robust = correct & (still_correct | too_far)
     return jnp.where(per_example(robust, x), x, x_adv), robust

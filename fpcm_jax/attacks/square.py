@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcm_jax.attacks._common import (check_norm, clip_to_ball, example_keys, margin, norms,
-                                      per_example)
+from fpcm_jax.attacks._common import (check_norm, clip_to_ball, correct_and_finite,
+                                      example_keys, margin, norms, per_example)
 
 # numpy, not jnp: a JAX array built at import time would start a backend before
 # jax.distributed.initialize() can run.
@@ -83,7 +83,7 @@ def _search(logits_fn, x, y, x_best, correct, n_queries, candidate):
 
     _, x_best, _ = jax.lax.while_loop(keep_going, body, (0, x_best, margin_min))
     x_best = jax.lax.stop_gradient(x_best)
-    still = jnp.argmax(logits_fn(x_best), axis=1) == y
+    still = correct_and_finite(logits_fn(x_best), y)
     robust = correct & still
     return jnp.where(per_example(robust | ~correct, x), x, x_best), robust
 

@@ -166,7 +166,7 @@ def prepare(name: str, data_dir: Optional[str], download: bool = True, source_ur
     """Download (unless the archives are there already) and prepare a dataset's splits, unless
     another process has just prepared them intact: one at a time, the others wait."""
     base_url, archives = OFFICIAL[name]
-    archives = with_checksums(archives, source_url, source_sha256)
+    archives = with_checksums(archives, source_sha256)
     paths = prepared_paths(name, data_dir)
     folder = os.path.dirname(paths["train"])
     with one_at_a_time(folder, name):
@@ -213,10 +213,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def with_checksums(archives: List[Archive], source_url: str,
-                    source_sha256: str) -> List[Archive]:
-    """The official checksums, or those given as 'file:sha256,...' (or one sha256 when the
-    dataset has one archive) for files that differ from the official ones."""
+def with_checksums(archives: List[Archive], source_sha256: str,
+                   training_dataset: bool = True) -> List[Archive]:
+    """The official checksums, or those given as 'file:sha256,...' for files that differ from
+    the official ones. A bare sha256 (no file name) is the training dataset's one archive: it
+    never applies to the test sets' files (training_dataset=False: CIFAR-10-C, CIFAR-10.1)."""
     if not source_sha256:
         return archives
     names = [archive.name for archive in archives]
@@ -225,6 +226,8 @@ def with_checksums(archives: List[Archive], source_url: str,
     given = {}
     for item in source_sha256.split(","):
         file_name, _, digest = item.strip().rpartition(":")
+        if not file_name and not training_dataset:
+            continue
         if not file_name and len(archives) == 1:
             file_name = names[0]
         if file_name not in known | set(names):
@@ -297,8 +300,9 @@ def verify(path: str, archive: Archive, placed: bool) -> None:
         what = (f"{path} (placed there) has SHA-256 {found}, not the expected "
                 f"{archive.sha256}: delete it, or replace it with the official file" if placed else
                 f"The downloaded {archive.name} has SHA-256 {found}, not "
-                f"{archive.sha256}; nothing was kept. Run again, or check "
-                f"--config.data.source_url / source_sha256")
+                f"{archive.sha256}; nothing was kept. Run again, or check the mirror "
+                f"(--config.data.source_url, or test_sets_url for the test sets) and "
+                f"--config.data.source_sha256")
         raise ArchiveError(what + ".")
 
 

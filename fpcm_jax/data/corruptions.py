@@ -75,12 +75,15 @@ class CorruptionArchive:
     """A dataset's corruption archive, verified and located (`members.json`) once."""
 
     def __init__(self, dataset: str, data_dir: Optional[str] = None, download: bool = True,
-                 source_url: str = "", source_sha256: str = ""):
+                 mirror_url: str = "", source_sha256: str = ""):
+        """mirror_url: a mirror's base URL for the archive (config.data.test_sets_url);
+        source_sha256: 'file:sha256,...' (config.data.source_sha256; a bare digest there is the
+        training dataset's, not this archive's)."""
         base_url, files = archives.CORRUPTIONS[dataset]
-        [self.archive] = archives.with_checksums(files, source_url, source_sha256)
+        [self.archive] = archives.with_checksums(files, source_sha256, training_dataset=False)
         self.top = FOLDERS[dataset]
         self.dataset, self.data_dir, self.download = dataset, data_dir, download
-        self.base_url = source_url or base_url
+        self.base_url = mirror_url or base_url
         root = archives.data_root(data_dir)
         self.folder = os.path.join(root, "fpcm_jax", f"{dataset}_corrupted")
         self.downloads = os.path.join(root, "downloads")
@@ -88,7 +91,9 @@ class CorruptionArchive:
 
     def _located(self) -> Tuple[str, Dict[str, List]]:
         """(archive path, {member: [offset, size, sha256]}), verifying the archive the first
-        time (or when it changed since), one process at a time."""
+        time, when it changed since, or when another checksum is required now (one accepted
+        under a custom checksum is verified again against the official one), one process at a
+        time."""
         recorded = self._recorded()
         if recorded and self._unchanged(recorded):
             return recorded["path"], recorded["members"]
@@ -109,7 +114,7 @@ class CorruptionArchive:
             write_json(os.path.join(self.folder, MEMBERS_FILE),
                        {"path": path, "size": stat.st_size, "mtime": stat.st_mtime,
                         "sha256": digest, "first_sha256": first or digest,
-                        "members": members})
+                        "required_sha256": self.archive.sha256, "members": members})
             return path, members
 
     def _recorded(self) -> Optional[Dict]:
@@ -125,13 +130,14 @@ class CorruptionArchive:
             stat = os.stat(recorded["path"])
         except (OSError, KeyError, TypeError):
             return False
-        return stat.st_size == recorded.get("size") and stat.st_mtime == recorded.get("mtime")
+        return (stat.st_size == recorded.get("size") and stat.st_mtime == recorded.get("mtime")
+                and recorded.get("required_sha256", "unrecorded") == self.archive.sha256)
 
     def _index(self, path: str) -> Dict[str, List]:
         """{corruption or 'labels': [data offset, size, SHA-256]}: every member of the official
         layout, its format checked (uint8 images (5 n, H, W, 3), n labels per severity)."""
         members = {}
-        with tarfile.open(path) as tar:
+        with _plain_tar(path, self.archive.name) as tar:
             for name in ALL + (LABELS,):
                 member_name = f"{self.top}/{name}.npy"
                 try:
@@ -186,6 +192,17 @@ class CorruptionArchive:
             del images  # unmaps the member
 
 
+def _plain_tar(path: str, name: str) -> tarfile.TarFile:
+    """The archive opened as an uncompressed tar (member offsets are file offsets only
+    there); a compressed or other file is a one-line ArchiveError."""
+    try:
+        return tarfile.open(path, "r:")
+    except tarfile.ReadError:
+        raise ArchiveError(f"{path} is not an uncompressed tar (compressed, or another format): "
+                           f"{name} is read in place, so give the plain .tar as published "
+                           f"(decompress it first, e.g. gunzip).") from None
+
+
 def _npy_header(handle, path: str, member: str) -> Tuple[Tuple[int, ...], str, int]:
     """(shape, dtype string, header length) of a .npy file object."""
     try:
@@ -216,14 +233,15 @@ def _range_sha256(path: str, offset: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def cifar10_1(data_dir: Optional[str] = None, download: bool = True, source_url: str = "",
+def cifar10_1(data_dir: Optional[str] = None, download: bool = True, mirror_url: str = "",
               source_sha256: str = "") -> Tuple[np.ndarray, np.ndarray]:
     """CIFAR-10.1 v6 (Recht et al. 2019): 2,000 new CIFAR-10 test images, (images uint8,
-    labels int32), its two files downloaded or placed, and verified, on every call."""
+    labels int32), its two files downloaded (from mirror_url, config.data.test_sets_url, when
+    given) or placed, and verified, on every call; source_sha256 as for CorruptionArchive."""
     base_url, files = archives.CIFAR10_1
-    files = archives.with_checksums(files, source_url, source_sha256)
+    files = archives.with_checksums(files, source_sha256, training_dataset=False)
     downloads = os.path.join(archives.data_root(data_dir), "downloads")
-    images, labels = (np.load(archives.fetch(archive, source_url or base_url, downloads,
+    images, labels = (np.load(archives.fetch(archive, mirror_url or base_url, downloads,
                                              download, "cifar10.1"))
                       for archive in files)
     if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(labels) != len(images):

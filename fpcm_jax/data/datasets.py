@@ -75,10 +75,13 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def load_for(config) -> Tuple[Split, Split, Split]:
-    """(train, validation, test) splits of an experiment config's dataset."""
+def load_for(config, validation: bool = True) -> Tuple[Split, Split, Split]:
+    """(train, validation, test) splits of an experiment config's dataset; validation=False
+    for a caller that reads the test split only (no validation split is held out, so
+    data.validation_size is not checked against the training split)."""
     settings = config.data
-    return load(settings.name, settings.data_dir, settings.validation_size, settings.prepare,
+    return load(settings.name, settings.data_dir,
+                settings.validation_size if validation else 0, settings.prepare,
                 config.seed, settings.download, settings.source_url, settings.source_sha256)
 
 

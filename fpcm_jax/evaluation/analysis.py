@@ -16,6 +16,8 @@ For each checkpoint (a run directory, whose best_robust/ is used, or a model che
    half the Nyquist radius, before and after FPCM.
 Every number behind the plots goes into analysis.json. Images are clipped to [0, 1] after
 adding noise or a basis image, so what the model sees is slightly out of band at the edges.
+Non-finite logits (or alphas, or features) stop the analysis with an `attacks.NonFiniteError`
+naming the analysis, the count of points and the first one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from fpcm_jax import layers, models, parallel
+from fpcm_jax import attacks, layers, models, parallel
 from fpcm_jax.data import datasets
 from fpcm_jax.reports import plots
 from fpcm_jax.runs import loading
@@ -101,15 +103,20 @@ class Analyzer:
 
     def __init__(self, model, variables, batch_size: int = 256):
         self.model, self.variables, self.batch_size = model, variables, batch_size
-        self.predict = jax.jit(lambda v, x: jnp.argmax(
-            model.apply(v, x, train=False, progress=1.0), -1))
+        self.predict = jax.jit(lambda v, x: _classes_and_nonfinite(
+            model.apply(v, x, train=False, progress=1.0)))
 
-    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
-        correct = 0
+    def accuracy(self, x: np.ndarray, y: np.ndarray, what: str = "the clean images") -> float:
+        """Accuracy on x; a NonFiniteError names `what` if any logit is not finite."""
+        correct, nonfinite = 0, []
         for start in range(0, len(y), self.batch_size):
             chunk = jnp.asarray(x[start:start + self.batch_size])
-            correct += int(jnp.sum(self.predict(self.variables, chunk) ==
-                                   y[start:start + self.batch_size]))
+            classes, bad = self.predict(self.variables, chunk)
+            correct += int(jnp.sum(classes == y[start:start + self.batch_size]))
+            nonfinite.extend((start + np.flatnonzero(np.asarray(bad))).tolist())
+        if nonfinite:
+            raise attacks.nonfinite_error(f"analysis on {what}", "logits", len(nonfinite),
+                                          nonfinite[0])
         return correct / len(y)
 
     def alphas(self, x: np.ndarray) -> Dict[str, np.ndarray]:
@@ -120,15 +127,18 @@ class Analyzer:
             state = apply(self.variables, jnp.asarray(x[start:start + self.batch_size]))
             for stage, alpha in layers.alphas_in(state).items():
                 collected.setdefault(stage, []).append(alpha)
-        return {stage: np.concatenate(parts) for stage, parts in sorted(collected.items())}
+        alphas = {stage: np.concatenate(parts) for stage, parts in sorted(collected.items())}
+        for stage, values in alphas.items():
+            attacks.check_finite(f"analysis of FPCM's alphas ({stage})", "alphas", values)
+        return alphas
 
     def stage_features(self, x: np.ndarray) -> Dict[str, Dict[str, float]]:
         """High-frequency share at the end of each stage, before and after its FPCM (the
         registry's models, also without FPCM); for any other model, at the input and output
         of each FPCM module wherever it sits, named by its path."""
         if not isinstance(self.model, models.CifarClassifier):
-            return {name: {"before": high_frequency_share(before),
-                           "after": high_frequency_share(after)}
+            return {name: {"before": _checked_share(name, "before", before),
+                           "after": _checked_share(name, "after", after)}
                     for name, (before, after) in fpcm_inputs_and_outputs(
                         self.model, self.variables, jnp.asarray(x)).items()}
         _, state = self.model.apply(self.variables, jnp.asarray(x), train=False, progress=1.0,
@@ -137,7 +147,7 @@ class Analyzer:
                    traverse_util.flatten_dict(state["intermediates"]).items()
                    if len(path) == 2 and path[1] == "__call__"}
         stages = _stage_ends(outputs)
-        return {name: {kind: high_frequency_share(outputs[module])
+        return {name: {kind: _checked_share(name, kind, outputs[module])
                        for kind, module in modules.items()} for name, modules in stages.items()}
 
     def band_noise(self, x, y, key, num_bands: int, l2_norm: float) -> List[float]:
@@ -145,15 +155,16 @@ class Analyzer:
         noisy = jax.jit(lambda k, images, mask: jnp.clip(
             images + band_limited_noise(k, images.shape, mask, l2_norm), 0.0, 1.0))
         return [self.accuracy(np.asarray(noisy(jax.random.fold_in(key, band), jnp.asarray(x),
-                                               jnp.asarray(mask))), y)
+                                               jnp.asarray(mask))), y,
+                              f"band-limited noise (band {band})")
                 for band, mask in enumerate(masks)]
 
     def filtered(self, x, y, radii: Sequence[float]) -> Dict[str, List[float]]:
         images = jnp.asarray(x)
-        low = [self.accuracy(np.asarray(jnp.clip(ideal_lowpass(images, r), 0, 1)), y)
-               for r in radii]
-        high = [self.accuracy(np.asarray(jnp.clip(ideal_highpass(images, r), 0, 1)), y)
-                for r in radii]
+        low = [self.accuracy(np.asarray(jnp.clip(ideal_lowpass(images, r), 0, 1)), y,
+                             f"low-pass filtered images (radius {r:.3f})") for r in radii]
+        high = [self.accuracy(np.asarray(jnp.clip(ideal_highpass(images, r), 0, 1)), y,
+                              f"high-pass filtered images (radius {r:.3f})") for r in radii]
         return {"lowpass": low, "highpass": high}
 
     def fourier_heat_map(self, x, y, key, l2_norm: float) -> np.ndarray:
@@ -165,15 +176,33 @@ class Analyzer:
         @jax.jit
         def errors(v, basis):
             perturbed = jnp.clip(images + l2_norm * signs * basis[None, :, :, None], 0.0, 1.0)
-            logits = self.model.apply(v, perturbed, train=False, progress=1.0)
-            return jnp.mean(jnp.argmax(logits, -1) != y)
+            classes, bad = _classes_and_nonfinite(
+                self.model.apply(v, perturbed, train=False, progress=1.0))
+            return jnp.mean(classes != y), bad.sum(), jnp.argmax(bad)
 
         heat = np.zeros((height, width), np.float32)
         for u in range(height):
             for w in range(width):
                 basis = fourier_basis(height, width, u, w) / np.sqrt(x.shape[3])
-                heat[u, w] = float(errors(self.variables, jnp.asarray(basis)))
+                error, bad, first = errors(self.variables, jnp.asarray(basis))
+                if bad:
+                    raise attacks.nonfinite_error(
+                        f"analysis on the Fourier heat map's basis image ({u}, {w})", "logits",
+                        int(bad), int(first))
+                heat[u, w] = float(error)
         return np.fft.fftshift(heat)
+
+
+def _checked_share(name: str, kind: str, features: jax.Array) -> float:
+    """high_frequency_share of finite features; a NonFiniteError otherwise."""
+    attacks.check_finite(f"analysis of the feature spectrum ({name}, {kind} FPCM)", "features",
+                         features)
+    return high_frequency_share(features)
+
+
+def _classes_and_nonfinite(logits: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """(predicted classes, whether each point's logits hold NaN or infinity)."""
+    return jnp.argmax(logits, -1), attacks.nonfinite_points(logits)
 
 
 def fpcm_inputs_and_outputs(model, variables, x: jax.Array) -> Dict[str, Tuple[Any, Any]]:
@@ -226,7 +255,7 @@ def run_analysis(config, checkpoint_paths: Sequence[str], workdir: str,
     (process 0 only, when several processes run it)."""
     settings = config.analysis
     labels = list(labels) if labels else [_label(p) for p in checkpoint_paths]
-    _, _, test_split = datasets.load_for(config)
+    _, _, test_split = datasets.load_for(config, validation=False)
     count = min(settings.num_examples, len(test_split))
     x = np.asarray(datasets.to_float(test_split.images[:count]))
     y = test_split.labels[:count]

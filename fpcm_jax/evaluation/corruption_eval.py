@@ -34,7 +34,7 @@ def evaluate(config, model, variables, clean: datasets.Split, names: Sequence[st
     corruption, for partial reports."""
     settings = config.data
     archive = corruptions.CorruptionArchive(settings.name, settings.data_dir, settings.download,
-                                            settings.source_url, settings.source_sha256)
+                                            settings.test_sets_url, settings.source_sha256)
     count = min(len(clean), archive.per_severity())
     labels = archive.labels(count)
     if not np.array_equal(labels, clean.labels[:count]):
@@ -44,14 +44,16 @@ def evaluate(config, model, variables, clean: datasets.Split, names: Sequence[st
     step = accuracy.make_eval_step(model, attacks.get("none"), mesh)
     clean_images = clean.images[:count]
     clean_result = accuracy.evaluate_split(step, variables, datasets.Split(clean_images, labels),
-                                           batch_size, key, mesh)
+                                           batch_size, key, mesh,
+                                           name="corruptions: the clean test images")
     cells: Dict[str, Dict[str, Dict[str, float]]] = {}
     main, start = parallel.is_main_process(), time.time()
     for index, name in enumerate(names):
         cells[name] = {}
         for severity, images in archive.read(name, severities, count):
             result = accuracy.evaluate_split(step, variables, datasets.Split(images, labels),
-                                             batch_size, key, mesh)
+                                             batch_size, key, mesh,
+                                             name=f"corruptions: {name} at severity {severity}")
             cells[name][str(severity)] = {"accuracy": result["clean_acc"],
                                           **_spectrum(images, clean_images)}
         del images  # one corruption in memory at a time (the next is read after this)

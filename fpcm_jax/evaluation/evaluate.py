@@ -6,7 +6,8 @@ settings, `eval_<split>_<attacks>_<norm>-eps<eps>[_step<step>]_n<count>[_seed<se
 written whole, appended to the workdir's `evaluations.jsonl`, and while attacks run, what is
 finished is in `<report>.partial.json`. Each attack's entry holds the largest perturbation (in
 the threat model's norm) that it produced; an adversarial example outside the eps-ball or
-[0, 1] stops the evaluation with an error (`PerturbationError`), as no figure from it could be
+[0, 1] stops the evaluation with an error (`accuracy.PerturbationError`; a NaN or infinite example or logit is an
+`attacks.NonFiniteError`), as no figure from it could be
 trusted.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from fpcm_jax import attacks, experiment, parallel, progress
 from fpcm_jax.data import corruptions, datasets
-from fpcm_jax.evaluation import accuracy, corruption_eval
+from fpcm_jax.evaluation import accuracy, autoattack_eval, corruption_eval
 from fpcm_jax.reports import plots
 from fpcm_jax.runs import loading
 from fpcm_jax.files import append_json_line, write_json
@@ -29,10 +30,6 @@ from fpcm_jax.files import append_json_line, write_json
 AUTOATTACK_NAMES = ("autoattack",) + attacks.STANDARD  # run with AutoAttack's bookkeeping
 CORRUPTIONS = "corruptions"  # common corruptions (CIFAR-10-C, CIFAR-100-C), not an attack
 SPLITS = ("test", "validation", "train", "cifar10.1")
-
-
-class PerturbationError(ValueError):
-    """An attack produced an adversarial example outside its threat model's ball or [0, 1]."""
 
 
 def run_evaluation(config, workdir: str, attack_names: List[str],
@@ -79,8 +76,9 @@ def run_evaluation(config, workdir: str, attack_names: List[str],
         start = time.time()
         attack_key = jax.random.fold_in(key, index)
         if name in AUTOATTACK_NAMES:
-            entry = _run_autoattack(name, model, variables, subset, attack_key, settings, mesh,
-                                    report, report_path)
+            entry = autoattack_eval.run(name, model, variables, subset, attack_key, settings,
+                                        mesh, _partial_writer(name, report, report_path))
+            report["warnings"] += [f"{name}: {w}" for w in entry.pop("warnings")]
         elif name == CORRUPTIONS:
             entry = _run_corruptions(config, model, variables, subset, attack_key, settings,
                                      mesh, report, report_path)
@@ -187,10 +185,11 @@ def _subset(config, split: str, num_examples: Optional[int]) -> datasets.Split:
     if split == "cifar10.1":
         settings = config.data
         chosen = datasets.Split(*corruptions.cifar10_1(settings.data_dir, settings.download,
-                                                   settings.source_url,
+                                                   settings.test_sets_url,
                                                    settings.source_sha256))
     else:
-        train_split, val_split, test_split = datasets.load_for(config)
+        train_split, val_split, test_split = datasets.load_for(
+            config, validation=split != "test")  # the test split needs no validation split
         chosen = {"test": test_split, "validation": val_split, "train": train_split}[split]
     count = len(chosen) if num_examples is None else min(num_examples, len(chosen))
     return datasets.Split(chosen.images[:count], chosen.labels[:count])
@@ -207,95 +206,17 @@ def _run_attack(name: str, model, variables, subset: datasets.Split, key, settin
         bar.update(done - bar.n)
         bar.set_postfix(clean=f"{clean / done:.4f}", robust=f"{robust / done:.4f}")
 
-    result = accuracy.evaluate_split(step, variables, subset, settings["batch_size"], key, mesh,
-                                     progress=show)
-    bar.close()
-    check_perturbation(name, settings, result["max_perturbation"], result["max_outside_box"])
+    try:
+        result = accuracy.evaluate_split(step, variables, subset, settings["batch_size"], key,
+                                         mesh, progress=show, name=name)
+    finally:
+        bar.close()
+    accuracy.check_perturbation(name, settings, result["max_perturbation"], result["max_outside_box"])
     return {"clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"],
             "max_perturbation": result["max_perturbation"],
             "verified": {"robust": "correct clean and at the returned example (classified "
                                    "again in the same step)", "inside_ball_and_box": True},
             "parameters": {**options, "random_start": attacks.takes_step_size(name)}}
-
-
-def check_perturbation(name: str, settings: Dict[str, Any], largest: float,
-                       outside_box: float) -> None:
-    """A PerturbationError if an attack's examples left the eps-ball or [0, 1]."""
-    eps, norm = settings["eps"], settings["norm"]
-    if largest > attacks.ball_limit(eps):
-        raise PerturbationError(
-            f"{name} produced an adversarial example outside the {norm} ball (norm {largest:.6g} "
-            f"> eps {eps:.6g}): its robust accuracy would be wrong; this is a bug in the attack, "
-            f"no report was written.")
-    if outside_box > 0:
-        raise PerturbationError(
-            f"{name} produced an adversarial example outside [0, 1] (by {outside_box:.3g}): "
-            f"this is a bug in the attack, no report was written.")
-
-
-def _run_autoattack(name: str, model, variables, subset: datasets.Split, key, settings, mesh,
-                    report: Dict[str, Any], report_path: str) -> Dict[str, Any]:
-    """AutoAttack (or one of its components) with its per-point bookkeeping; after each
-    component, what is done goes into the partial report."""
-    components = attacks.STANDARD if name == "autoattack" else (name,)
-    main, start = parallel.is_main_process(), time.time()
-    bars = _StageBars(name, len(subset), main)
-    sharded = parallel.batch_sharded(mesh)
-    eps, norm, changed = settings["eps"], settings["norm"], settings["autoattack"]
-
-    def component_done(part, robust_accuracy):
-        bars.close()
-        if main:
-            progress.say(f"  {name}: after {part} robust accuracy {robust_accuracy:.4f} "
-                         f"({time.time() - start:.0f} s)")
-            report["attacks"][name] = {"robust_acc_so_far": robust_accuracy,
-                                       "components_done": part, "complete": False}
-            _write_partial(report_path, report)
-
-    logits_fn = lambda params, x: model.apply(params, x, train=False, progress=1.0)
-    result = attacks.autoattack(logits_fn, datasets.to_float(subset.images), subset.labels, key,
-                                eps,
-                                params=variables, attacks_to_run=components,
-                                batch_size=settings["batch_size"],
-                                put=lambda array: parallel.global_array(array, sharded),
-                                fetch=parallel.fetch, progress=component_done,
-                                on_batch=bars.update, norm=norm,
-                                fitted_batches=settings["fitted_batches"], **changed)
-    x_adv = result["x_adv"]
-    outside = float(np.max(np.maximum(-x_adv, x_adv - 1.0))) if len(x_adv) else 0.0
-    check_perturbation(name, settings, result["max_perturbation"], max(outside, 0.0))
-    report["warnings"] += [f"{name}: {w}" for w in result["warnings"]]
-    return {"clean_acc": result["clean_accuracy"], "robust_acc": result["robust_accuracy"],
-            "accuracy_after": result["accuracy_after"],
-            "max_perturbation": result["max_perturbation"],
-            "seconds_per_component": {k: round(v, 1) for k, v in result["seconds"].items()},
-            "verified": {"robust": "correct clean and at the returned example (every x_adv "
-                                   "classified again after each component and at the end)",
-                         **result["consistency"]},
-            "parameters": _autoattack_parameters(eps, norm, changed)}
-
-
-class _StageBars:
-    """AutoAttack's progress: a bar per stage (points attacked of those left, robust accuracy
-    so far, time), shown on a terminal."""
-
-    def __init__(self, name: str, count: int, enabled: bool):
-        self.name, self.count, self.enabled = name, count, enabled
-        self.bar, self.stage = None, None
-
-    def update(self, component, stage, stages, done, total, robust):
-        if (component, stage) != self.stage:
-            self.close()
-            label = component if stages == 1 else f"{component} {stage + 1}/{stages}"
-            self.bar = progress.bar(total, f"{self.name}: {label}", enabled=self.enabled)
-            self.stage = (component, stage)
-        self.bar.update(done - self.bar.n)
-        self.bar.set_postfix(robust=f"{robust / max(self.count, 1):.4f}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        self.bar, self.stage = None, None
 
 
 def report_name(report: Dict[str, Any], attack_names: List[str], step_size: float) -> str:
@@ -323,19 +244,6 @@ def report_name(report: Dict[str, Any], attack_names: List[str], step_size: floa
     if report["seed"]:
         parts.append(f"seed{report['seed']}")
     return "_".join(parts) + ".json"
-
-
-def _autoattack_parameters(eps: float, norm: str, changed: Dict[str, int]) -> Dict[str, Any]:
-    n_iter = changed.get("n_iter", 100)
-    targets = changed.get("n_target_classes", 9)
-    return {"version": "standard" if not changed else f"changed: {changed}", "eps": eps,
-            "norm": norm,
-            "apgd": {"n_iter": n_iter, "rho": 0.75, "momentum": 0.75, "initial_step": "2 eps",
-                     "restarts": 1},
-            "apgd-t": {"targets": targets, "n_iter": n_iter},
-            "fab-t": {"targets": targets, "n_iter": n_iter, "alpha_max": 0.1, "eta": 1.05,
-                      "beta": 0.9},
-            "square": {"n_queries": changed.get("n_queries", 5000), "p_init": 0.8}}
 
 
 def _print_table(report: Dict[str, Any]) -> None:
@@ -366,15 +274,39 @@ def _print_corruptions(entry: Dict[str, Any]) -> None:
         radius = np.mean([cells[s]["mean_radius"] for s in severities])
         print(f"{name:<18} " + " ".join(f"{100 * v:>6.2f}%" for v in values) +
               f" {100 * np.mean(values):>6.2f}% {radius:>7.3f}")
-    for label, key in (("standard (15) mean", "mean_standard"), ("extra (4) mean", "mean_extra")):
+    for key, group in (("mean_standard", corruptions.STANDARD), ("mean_extra", corruptions.EXTRA)):
         if entry.get(key) is not None:
-            print(f"{label}: {100 * entry[key]:.2f}%")
+            print(f"{corruption_mean_label(list(entry['cells']), group)}: "
+                  f"{100 * entry[key]:.2f}%")
     for group, values in entry["frequency_groups"].items():
         print(f"{group}-frequency half ({', '.join(values['corruptions'])}): "
               f"{100 * values['accuracy']:.2f}%")
 
 
+def corruption_mean_label(evaluated: List[str], group: Tuple[str, ...]) -> str:
+    """'mean over the 15 standard corruptions' when all were evaluated, else 'mean over N of
+    the 15 standard corruptions (names)' (the 4 extra ones likewise): a subset's mean is not
+    the benchmark's."""
+    kind = "standard" if group == corruptions.STANDARD else "extra"
+    chosen = [name for name in evaluated if name in group]
+    if len(chosen) == len(group):
+        return f"mean over the {len(group)} {kind} corruptions"
+    return (f"mean over {len(chosen)} of the {len(group)} {kind} corruptions "
+            f"({', '.join(chosen)})")
+
+
 HISTORY_FILE = "evaluations.jsonl"
+
+
+def _partial_writer(name: str, report: Dict[str, Any], report_path: str):
+    """after_component(component, robust accuracy so far) of an AutoAttack run: what is done
+    goes into the partial report (process 0)."""
+    def after_component(part: str, robust_accuracy: float) -> None:
+        if parallel.is_main_process():
+            report["attacks"][name] = {"robust_acc_so_far": robust_accuracy,
+                                       "components_done": part, "complete": False}
+            _write_partial(report_path, report)
+    return after_component
 
 
 def _write_partial(path: str, report: Dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ built with `rngs`), so it runs through the same pipeline; its `__call__` takes t
 (x, train, progress) and passes `use_running_average=not train` to its BatchNorms.
 
 A run records the import path, the keyword arguments and where the code came from
-(`code_fingerprint`: the module's file and its SHA-256, the package's version), so evaluation
+(`code_fingerprint`: the module's file, the SHA-256 of every source file of its package and of
+the package defining the model, the package's version), so evaluation
 and resume rebuild the same function, and say so when the code changed or is gone.
 """
 
@@ -35,7 +36,7 @@ import importlib.metadata
 import inspect
 import os
 import sys
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -177,35 +178,75 @@ def _signature_text(model: nn.Module) -> str:
         return "(unknown)"
 
 
-def code_fingerprint(import_path: str) -> Dict[str, Optional[str]]:
-    """Where the model's code came from: its module, file, the file's SHA-256 and its top
-    package's installed version (None where there is none)."""
+def code_fingerprint(import_path: str) -> Dict[str, Any]:
+    """Where the model's code came from: its module, file, the file's SHA-256, its top
+    package's installed version (None where there is none), and `files`: the SHA-256 of every
+    source file of the packages that hold the named module and the module defining the model
+    (a re-exported class), so a change in a helper file of the same package is seen too."""
     module_name = import_path.partition(":")[0]
     module = sys.modules.get(module_name) or importlib.import_module(module_name)
     path = getattr(module, "__file__", None)
-    digest = None
-    if path and os.path.exists(path):
-        with open(path, "rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
+    files: Dict[str, Optional[str]] = {}
+    for name in _defining_modules(import_path, module_name):
+        files.update({source: _file_sha256(source) for source in _package_files(name)})
     try:
         version = importlib.metadata.version(module_name.split(".")[0])
     except (importlib.metadata.PackageNotFoundError, ValueError):
         version = None
     return {"module": module_name, "file": os.path.abspath(path) if path else None,
-            "sha256": digest, "package_version": version}
+            "sha256": _file_sha256(path), "package_version": version, "files": files}
 
 
-def code_changes(recorded: Dict[str, Optional[str]], import_path: str) -> Optional[str]:
-    """A sentence saying how the model's code differs from the recorded fingerprint (None when
-    it is the same)."""
+def _defining_modules(import_path: str, module_name: str) -> List[str]:
+    """The named module and the one that defines what it names (they differ on a re-export)."""
+    try:
+        defined_in = getattr(resolve(import_path), "__module__", None)
+    except ModelProtocolError:
+        defined_in = None
+    return [module_name] + ([defined_in] if defined_in and defined_in != module_name else [])
+
+
+def _package_files(module_name: str) -> List[str]:
+    """The .py files of module_name's top package (a module outside any package: its file)."""
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    top = sys.modules.get(module_name.split(".")[0])
+    top_file = getattr(top, "__file__", None)
+    if top_file and os.path.basename(top_file) == "__init__.py":
+        root = os.path.dirname(os.path.abspath(top_file))
+        return sorted(os.path.join(folder, name) for folder, subfolders, names in os.walk(root)
+                      if "__pycache__" not in folder for name in names if name.endswith(".py"))
+    path = getattr(module, "__file__", None)
+    return [os.path.abspath(path)] if path else []
+
+
+def _file_sha256(path: Optional[str]) -> Optional[str]:
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def code_changes(recorded: Dict[str, Any], import_path: str) -> Optional[str]:
+    """A sentence naming each file of the model's code that differs from the recorded
+    fingerprint (None when none does). Records from before `files` compare the module's
+    file only."""
     now = code_fingerprint(import_path)
-    changed = [f"{field} {recorded.get(field)} then, {now.get(field)} now"
-               for field in ("sha256", "package_version") if recorded.get(field) != now.get(field)]
+    if recorded.get("files") is not None:
+        before, after = recorded["files"], now["files"]
+        changed = [f"{path}: SHA-256 {before.get(path)} then, {after.get(path)} now"
+                   for path in sorted(set(before) | set(after))
+                   if before.get(path) != after.get(path)]
+    else:
+        changed = ([f"{now.get('file')}: SHA-256 {recorded.get('sha256')} then, "
+                    f"{now.get('sha256')} now"] if recorded.get("sha256") != now["sha256"] else [])
+    if recorded.get("package_version") != now["package_version"]:
+        changed.append(f"package version {recorded.get('package_version')} then, "
+                       f"{now['package_version']} now")
     if not changed:
         return None
+    more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
     return (f"the code of the model {import_path} changed since it was recorded ("
-            f"{'; '.join(changed)}; file {now.get('file')}): the function may differ from the "
-            f"one trained.")
+            f"{'; '.join(changed[:3])}{more}): the function may differ from the one trained.")
 
 
 def plain_kwargs(kwargs: Dict[str, Any], where: str) -> Dict[str, Any]:

@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from fpcm_jax.data.corruptions import EXTRA as EXTRA_CORRUPTIONS
+from fpcm_jax.data.corruptions import STANDARD as STANDARD_CORRUPTIONS
 from fpcm_jax.reports import plots, report_render
 from fpcm_jax.runs import run_record
 from fpcm_jax.files import written_whole
@@ -64,7 +66,9 @@ class Column:
     norm: Optional[str] = None        # None for clean accuracy
     eps: Optional[float] = None
     step_size: Optional[float] = None
-    version: str = ""                 # AutoAttack's parameters when not the standard ones
+    version: str = ""                 # AutoAttack's parameters when not the standard ones; the
+    #                                   corruptions and severities of a corruption mean when
+    #                                   not the whole benchmark
 
     def sort_key(self) -> Tuple:
         family, steps = _attack_family(self.attack)
@@ -88,8 +92,9 @@ class Column:
         words.append(f"n={self.examples if self.examples is not None else '?'}")
         if self.weights not in ("final", "best_robust"):
             words.append(f"[{self.weights}]")
-        if self.version:
-            words.append(f"({self.version})" if detail >= 2 else "(changed)")
+        if self.version:  # a corruption subset is always named: it is not the benchmark
+            named = detail >= 2 or self.attack.startswith("corruptions")
+            words.append(f"({self.version})" if named else "(changed)")
         return " ".join(words)
 
 
@@ -250,19 +255,36 @@ def _add_evaluation(run: Run, report: Dict[str, Any]) -> None:
 
 def _add_corruptions(run: Run, entry: Dict[str, Any], weights: str, split: str,
                      cell: Dict[str, Any]) -> None:
-    """The corruption means (standard, extra) and the frequency halves' means, each a column
-    (its version names the severities when not all five)."""
-    version = ("" if entry.get("severities") == [1, 2, 3, 4, 5] else
-               f"severities {','.join(map(str, entry.get('severities', [])))}")
+    """The corruption means (standard, extra) and the frequency halves' means, each a column.
+    A mean over fewer corruptions or severities than the benchmark's is a column of its own,
+    whose version names the subset (never the benchmark's column)."""
+    severities = entry.get("severities", [])
+    evaluated = list(entry.get("cells", {}))
+    groups = {"corruptions": STANDARD_CORRUPTIONS, "corruptions-extra": EXTRA_CORRUPTIONS}
     figures = {attack: entry.get(key) for key, attack in CORRUPTION_FIGURES.items()}
     for group, values in entry.get("frequency_groups", {}).items():
         figures[f"corruptions-{group}"] = values.get("accuracy")
     for attack, value in figures.items():
         if value is not None:
+            among = groups.get(attack, STANDARD_CORRUPTIONS + EXTRA_CORRUPTIONS)
+            version = corruption_subset(evaluated, among, severities)
             column = Column(attack, weights, entry.get("examples_per_cell"), split,
                             version=version)
             run.cells[column] = {"value": value, **cell}
     run.corruptions = entry
+
+
+def corruption_subset(evaluated: Sequence[str], among: Sequence[str],
+                      severities: Sequence[int]) -> str:
+    """'' for the whole benchmark (every corruption of `among`, severities 1-5), else what
+    was evaluated, e.g. '4 of 15: brightness, contrast, gaussian_noise, impulse_noise;
+    severities 1,3'."""
+    chosen = [name for name in evaluated if name in among]
+    parts = [] if len(chosen) == len(among) else [
+        f"{len(chosen)} of {len(among)}: {', '.join(sorted(chosen))}"]
+    if list(severities) != [1, 2, 3, 4, 5]:
+        parts.append(f"severities {','.join(map(str, severities))}")
+    return "; ".join(parts)
 
 
 def group_runs(runs: Sequence[Run]) -> List[List[Run]]:

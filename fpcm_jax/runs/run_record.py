@@ -52,6 +52,7 @@ HOW_RUN = {
     "data.data_dir": "where the dataset is read from; the images are the same",
     "data.download": "how a missing dataset is obtained",
     "data.source_url": "a mirror of the same files (their checksums are checked)",
+    "data.test_sets_url": "a mirror of the test sets' files (their checksums are checked)",
     "data.source_sha256": "checksums of a mirror's files",
     "data.prepare": "tfds preparation instead of the archive: the same images",
     "multihost": "how the processes find each other; the devices are in environment.json",

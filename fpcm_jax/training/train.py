@@ -194,7 +194,8 @@ class _Training:
         variables = self.state.eval_variables(config.eval.use_ema)
         result = accuracy.evaluate_split(self.eval_step, variables, self.val_split,
                                          config.eval.batch_size,
-                                         jax.random.fold_in(self.eval_key, epoch), self.mesh)
+                                         jax.random.fold_in(self.eval_key, epoch), self.mesh,
+                                         name=f"validation at epoch {epoch}")
         record = {"step": int(self.state.step), "epoch": epoch,
                   "val_clean_acc": result["clean_acc"], "val_robust_acc": result["robust_acc"]}
         self.metrics.record(record)
@@ -221,7 +222,8 @@ class _Training:
                                            config.attack.step_size, config.attack.norm)
         result = accuracy.evaluate_split(eval_step, self.state.eval_variables(config.eval.use_ema),
                                          self.test_split, config.eval.batch_size,
-                                         jax.random.fold_in(self.eval_key, 2**31 - 1), self.mesh)
+                                         jax.random.fold_in(self.eval_key, 2**31 - 1), self.mesh,
+                                         name="the final test")
         summary = {"final_step": int(self.state.step), "test_examples": result["examples"],
                    "test_clean_acc": result["clean_acc"],
                    f"test_pgd{steps}_acc": result["robust_acc"], "norm": config.attack.norm,
