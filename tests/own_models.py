@@ -163,3 +163,27 @@ class NaNOffGrid(nn.Module):
         unstable = ((jnp.max(jnp.abs(pixels - jnp.round(pixels)), axis=1) > 1e-3) |
                     (jnp.mean(flat, axis=1) > self.nan_above))
         return jnp.where(unstable[:, None], jnp.nan, logits)
+
+
+class DropoutNet(nn.Module):
+    """A linear classifier with dropout on its input (`nn.Dropout(deterministic=not train)`):
+    training draws masks from the `dropout` stream, evaluation none."""
+
+    num_classes: int = 10
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, progress: Any = 1.0):
+        x = nn.Dropout(self.rate, deterministic=not train)(x.reshape(x.shape[0], -1))
+        return nn.Dense(self.num_classes)(x)
+
+
+class NNXDropoutNet(nnx.Module):
+    """DropoutNet in NNX: an `nnx.Dropout` built with the module's rngs."""
+
+    def __init__(self, num_classes: int = 10, rate: float = 0.5, *, rngs: nnx.Rngs):
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+        self.head = nnx.Linear(32 * 32 * 3, num_classes, rngs=rngs)
+
+    def __call__(self, x, train: bool = False, progress: Any = 1.0):
+        return self.head(self.drop(x.reshape(x.shape[0], -1), deterministic=not train))

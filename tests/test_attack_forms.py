@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conftest import needs_four_devices
 from fpcm_jax import attacks
 from fpcm_jax.attacks.conv_layout import canonical_convs, input_gradient
 
@@ -129,6 +130,18 @@ def test_compiled_apgd_loop_has_only_canonical_kernels():
     assert "01oi" in without  # the slow layout the rewrite removes
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the default on CPU")
+def test_the_rewrite_is_on_by_default_on_cpu():
+    """input_gradient without `canonical` (as every attack calls it) rewrites the kernels on
+    CPU: the default, not only the explicit flag."""
+    logits, params, x = conv_net(CONVS[1])
+    loss = lambda z: jnp.sum(jnp.sin(logits(params, z)))
+    default = kernel_specs(jax.make_jaxpr(input_gradient(loss))(x).jaxpr)
+    assert len(default) == 4 and all(s == (3, 2, 0, 1) for s in default), default
+    plain = kernel_specs(jax.make_jaxpr(input_gradient(loss, canonical=False))(x).jaxpr)
+    assert any(s != (3, 2, 0, 1) for s in plain)
+
+
 def test_input_gradient_is_jax_grad_elsewhere():
     loss = lambda z: (jnp.sum(z ** 3), z)
     grad, aux = input_gradient(loss, has_aux=True, canonical=False)(jnp.arange(3.0))
@@ -136,16 +149,23 @@ def test_input_gradient_is_jax_grad_elsewhere():
     np.testing.assert_allclose(aux, jnp.arange(3.0))
 
 
-def test_fitted_sizes_are_powers_of_two_of_the_device_count():
-    devices = jax.device_count()
-    assert autoattack_module.fitted_size(1, 256) == devices * pow(
-        2, (-(-autoattack_module.FITTED_MIN_BATCH // devices) - 1).bit_length())
-    for count in range(1, 257):
-        size = autoattack_module.fitted_size(count, 256)
-        assert size >= count and size % devices == 0 and size <= 256
-        share = size // devices
-        assert share & (share - 1) == 0 or size == 256  # a power of two, or the full batch
-        assert size == 256 or size < 2 * max(count, autoattack_module.FITTED_MIN_BATCH)
+@needs_four_devices
+@pytest.mark.parametrize("counts, batch_size, size", [
+    ((1, 2, 7, 8), 256, 8),          # at least FITTED_MIN_BATCH = 8: 4 devices x 2
+    ((9, 12, 16), 256, 16),          # 4 x 4
+    ((17, 32), 256, 32),
+    ((33, 64), 256, 64),
+    ((65, 100, 128), 256, 128),
+    ((129, 255, 256), 256, 256),
+    ((33, 40, 64), 96, 64),
+    ((65, 80, 96), 96, 96),          # the batch size caps it (a multiple of 4, not 4 x 2^k)
+    ((9, 12), 12, 12),
+])
+def test_fitted_sizes_are_powers_of_two_of_the_device_count(counts, batch_size, size):
+    """The padded size of a stage's last batch of `count` points on the suite's 4 devices,
+    written out: 4 times the smallest power of two holding max(count, 8), at most the batch."""
+    for count in counts:
+        assert autoattack_module.fitted_size(count, batch_size) == size, count
 
 
 def test_fitted_batches_give_the_same_result_with_smaller_batches():

@@ -159,7 +159,8 @@ def test_sanity_check_randomised_output():
     result = check_warning(noisy, "randomised", attacks_to_run=["apgd-ce"])
     assert result["randomised"]
     assert result["consistency"]["inside_ball_and_box"]
-    assert 0 <= result["consistency"]["randomised_model_disagreements"] <= 16
+    assert "randomised_model_disagreements" in result["consistency"]  # its exact count:
+    # test_autoattack_checks.test_a_randomised_models_disagreements_are_counted_exactly
 
 
 def test_sanity_check_probability_output():

@@ -103,3 +103,28 @@ def test_autoattack_gives_the_exact_verdict_of_every_point(norm, classes):
     assert misclassified.sum() == problems.MISCLASSIFIED
     np.testing.assert_array_equal(result["x_adv"][misclassified], x[misclassified])
     assert result["consistency"]["inside_ball_and_box"]
+
+
+def test_a_randomised_models_disagreements_are_counted_exactly():
+    """Issue 37, items 11 and 13: for a model flagged randomised the final check counts the
+    points whose flags disagree with a new classification (and raises otherwise). Built point
+    by point (C: correct clean, R: counted robust, A: correct at x_adv): p0 (R, not C), p1 (R,
+    neither C nor A: one disagreement, not two), p2 (C, R, not A) and p4 (C, A, not R)
+    disagree; p3 (C, R, A), p5 (C, fooled), p6 and p7 (not C, not R) agree: 4 of 8."""
+    x = np.full((8, 2, 2, 3), 0.49, np.float32)
+    y = np.zeros(8, np.int32)
+    wrong_at_adv = np.array([0, 1, 1, 0, 0, 1, 0, 1], bool)
+    x_adv = x.copy()
+    x_adv[wrong_at_adv, 0, 0, 0] = 0.51  # within 8/255 of x: class 1 there, 0 elsewhere
+    logits_fn = lambda inputs: jax.nn.one_hot((inputs[:, 0, 0, 0] > 0.5).astype(jnp.int32), 10)
+    clean = np.array([0, 0, 1, 1, 1, 1, 0, 0], bool)
+    robust = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    call = autoattack_module._Call(x, y, jax.random.key(0), None,
+                                   lambda params, inputs: logits_fn(inputs), {}, jnp.asarray,
+                                   np.asarray, 8, 8 / 255, "linf", 1, 1, 1, False, None)
+    result = {"clean_flags": clean, "robust_flags": robust, "x_adv": x_adv}
+    with pytest.raises(attacks.ConsistencyError, match="2 point"):  # p0, p1: robust, not C
+        autoattack_module.check_consistency(call, result)
+    checked = autoattack_module.check_consistency(call, {**result, "randomised": True})
+    assert checked["randomised_model_disagreements"] == 4
+    assert checked["inside_ball_and_box"] and checked["reclassified"] == 8

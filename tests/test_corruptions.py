@@ -219,6 +219,22 @@ def test_a_single_fourier_component_lands_at_its_radius(u, v, radius, high):
     assert measure["high_fraction"] == pytest.approx(high, abs=1e-9)
 
 
+def test_white_noise_spreads_evenly_and_the_cutoff_is_exclusive():
+    """An impulse (one pixel) has an exactly flat spectrum, the exact form of white noise:
+    its mean radius is the mean radius of the 32x32 frequency grid and its high share the
+    share of grid points beyond 0.25 cycles per pixel (the grid written out here: 827 of the
+    1024 lie beyond it, and the 4 at exactly 0.25, (0, +-8) and (+-8, 0), are not counted)."""
+    impulse = np.zeros((1, 32, 32, 1))
+    impulse[0, 5, 9, 0] = 0.3
+    frequencies = np.arange(32) / 32
+    frequencies[frequencies >= 0.5] -= 1.0  # 0, 1/32, ..., 15/32, -16/32, ..., -1/32
+    radius = np.hypot(frequencies[:, None], frequencies[None, :])
+    measure = spectra.perturbation_spectrum(impulse)
+    assert measure["mean_radius"] == pytest.approx(radius.mean(), abs=1e-12)
+    assert np.sum(radius > 0.25) == 827 and np.sum(radius == 0.25) == 4
+    assert measure["high_fraction"] == pytest.approx(827 / 1024, abs=1e-12)
+
+
 def test_a_constant_shift_is_at_zero_frequency_and_nothing_is_nothing():
     shift = np.full((4, 32, 32, 3), 0.1)
     assert spectra.perturbation_spectrum(shift) == {"mean_radius": 0.0, "high_fraction": 0.0}

@@ -56,13 +56,22 @@ def test_every_evaluation_runs_at_the_final_cutoff(tmp_path):
     assert info["val_clean_acc"] != accuracy_at(model, variables, val_split, 0.5)
     assert summary["test_clean_acc"] == accuracy_at(model, final, test_split, 1.0)
     assert summary["test_clean_acc"] != accuracy_at(model, final, test_split, 0.5)
-    report = evaluate.run_evaluation(config, workdir, ["none"], num_examples=100)
+    report = evaluate.run_evaluation(config, workdir, ["none", "apgd-ce"], num_examples=100,
+                                     autoattack_options={"n_iter": 1})
     first = datasets.Split(test_split.images[:100], test_split.labels[:100])
     best, best_variables, _, _ = loading.load_model(workdir)
-    assert report["attacks"]["none"]["clean_acc"] == accuracy_at(best, best_variables, first, 1.0)
+    at_end = accuracy_at(best, best_variables, first, 1.0)
+    assert report["attacks"]["none"]["clean_acc"] == at_end
+    assert report["attacks"]["apgd-ce"]["clean_acc"] == at_end  # AutoAttack's clean pass
     analyzer = analysis.Analyzer(best, best_variables)
     x = np.asarray(datasets.to_float(first.images))
-    assert analyzer.accuracy(x, first.labels) == accuracy_at(best, best_variables, first, 1.0)
+    assert analyzer.accuracy(x, first.labels) == at_end
+    # The analyses' own forwards: noise and basis images of norm 0 leave the images as they are
+    assert analyzer.band_noise(x, first.labels, jax.random.key(0), 2, 0.0) == [at_end] * 2
+    heat = analyzer.fourier_heat_map(x[:20], first.labels[:20], jax.random.key(0), 0.0)
+    first20 = datasets.Split(first.images[:20], first.labels[:20])
+    np.testing.assert_allclose(heat, 1 - accuracy_at(best, best_variables, first20, 1.0),
+                               atol=1e-6)
     assert accuracy_at(best, best_variables, first, 1.0) != accuracy_at(best, best_variables,
                                                                         first, 0.5)
 
@@ -88,10 +97,16 @@ def test_misclassified_clean_is_never_robust(tmp_path):
     counted = accuracy.evaluate_split(step, variables, datasets.Split(images, labels), 8,
                                       jax.random.key(0), mesh)
     assert counted["clean_acc"] == 0.0 and counted["robust_acc"] == 0.0
+    # AutoAttack attacks only the points classified correctly: none here. (Its stages also
+    # return the clean image for a point misclassified clean, so its robust accuracy alone
+    # would be 0 by construction: the count of points attacked is what pins the rule.)
+    attacked = []
     result = attacks.autoattack(logits_fn, x, labels, jax.random.key(0), 8 / 255, n_iter=2,
-                                n_queries=5, n_target_classes=1, batch_size=8)
+                                n_queries=5, n_target_classes=1, batch_size=8,
+                                on_batch=lambda *report: attacked.append(report[4]))
     assert result["clean_accuracy"] == 0.0 and result["robust_accuracy"] == 0.0
     assert not result["robust_flags"].any()
+    assert attacked and set(attacked) == {0}  # every stage started with 0 points to attack
     saved = str(tmp_path / "ckpt")
     checkpoint.save_variables(saved, variables, experiment.describe(config))
     config.data.name = "digits"

@@ -230,3 +230,28 @@ def test_the_perturbation_check_refuses_nan():
                              (0.0, 1e-3)):
         with pytest.raises(accuracy.PerturbationError, match="pgd20 produced"):
             accuracy.check_perturbation("pgd20", settings, largest, outside)
+
+
+def class0_unless_off_grid(inputs):
+    """Class 0 by 5 on uint8 images, NaN logits off the 1/255 grid."""
+    pixels = inputs.reshape(inputs.shape[0], -1) * 255.0
+    off_grid = jnp.max(jnp.abs(pixels - jnp.round(pixels)), axis=1) > 1e-3
+    return jnp.where(off_grid[:, None], jnp.nan, 5.0 * jax.nn.one_hot(0, 10)[None, :])
+
+
+@pytest.mark.parametrize("component, eps", [("apgd-ce", 8 / 255), ("apgd-t", 8 / 255),
+                                            ("square", 0.03)])
+def test_nan_logits_that_pick_the_label_are_not_robust(component, eps):
+    """Every point is of class 0, which the argmax of a NaN row also picks: a component that
+    trusted it would keep every point robust at its clean image (no NaN returned, accuracy 1).
+    Each component counts NaN as fooled, so AutoAttack returns the points and stops. (FAB-T
+    is not here: the model's gradient is zero, so FAB's own step is undefined and it never
+    asks the model about a point off the grid; it returns the clean images, as for any
+    constant model.)"""
+    _, _, test = datasets.load_for(nan_config())
+    x = np.asarray(datasets.to_float(test.images[:8]))
+    y = np.zeros(8, np.int32)
+    with pytest.raises(attacks.NonFiniteError, match=f"AutoAttack's {component}: 8 point"):
+        attacks.autoattack(class0_unless_off_grid, x, y, jax.random.key(0), eps,
+                           attacks_to_run=[component], n_iter=3, n_queries=3,
+                           n_target_classes=1, batch_size=8)

@@ -255,3 +255,35 @@ def test_the_code_fingerprint_names_the_changed_file_of_the_package(tmp_path, mo
             others = [p for p in recorded["files"] if p != path]
             assert not any(f"{other}:" in message for other in others)
             (root / package / name).write_text(files[name])
+
+
+def test_a_model_of_the_wrong_shape_is_refused_at_evaluation(tmp_path, monkeypatch):
+    """Issue 37, item 13: at evaluation time (not only when training starts) a model whose
+    logits do not fit the dataset is one line, nothing written: given in Python, and loaded
+    from a checkpoint whose code changed since (10 logits then, 3 now)."""
+    import sys
+    model = own_models.WrongShape()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r"returns logits of shape \(1, 1\) for one image; "
+                                         r"digits has 10 classes"):
+        fpcm_jax.evaluate_model(own_config("own_models:WrongShape", kwargs={}),
+                                str(tmp_path / "given"), ["none"], model=model,
+                                variables=variables)
+    module = f"shape_net_{os.getpid()}"
+    source = tmp_path / f"{module}.py"
+    net = ("import flax.linen as nn\n\n\nclass Net(nn.Module):\n    num_classes: int = 10\n\n"
+           "    @nn.compact\n    def __call__(self, x, train=False, progress=1.0):\n"
+           "        return nn.Dense({})(x.reshape(len(x), -1))\n")
+    source.write_text(net.format("self.num_classes"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = own_config(f"{module}:Net", kwargs={})
+    description = experiment.describe(config)
+    built = experiment.model_from_description(description)
+    saved = str(tmp_path / "ckpt")
+    checkpoint.save_variables(saved, built.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))),
+                              description)
+    source.write_text(net.format(3))
+    monkeypatch.delitem(sys.modules, module)  # a new process would import the file anew
+    with pytest.raises(imported.ModelProtocolError, match=r"returns \(2, 3\) for 2 images"):
+        evaluate.run_evaluation(config, str(tmp_path / "eval"), ["none"], saved)
+    assert not os.path.exists(tmp_path / "eval")

@@ -58,11 +58,13 @@ def test_linf_attacks_start_uniformly_in_the_ball(name, key):
 
 def training_attack(config):
     """The step's training attack with a constant model (train mode, no BatchNorm)."""
-    forward = lambda params, stats, x, progress, train: (constant_logits(x), stats)
+    forward = lambda params, stats, x, progress, train, dropout_key=None: (constant_logits(x),
+                                                                           stats)
     attack = train_step._training_attack(forward, config)
     x = images()
     clean_logits = constant_logits(x)
-    return lambda key: attack(None, {}, x, labels(), clean_logits, 1.0, key)[0] - x
+    return lambda key: attack(None, {}, x, labels(), clean_logits, 1.0, key,
+                              jax.random.key(9))[0] - x
 
 
 @pytest.mark.parametrize("loss", ["ce", "mart", "trades"])
@@ -108,3 +110,29 @@ def test_trades_l2_loop_replaces_a_zero_gradient_by_noise():
     flat = delta.reshape(len(delta), -1)
     cosines = (flat @ flat.T) / eps ** 2
     assert np.abs(cosines[~np.eye(len(flat), dtype=bool)]).max() < 0.1
+
+
+def test_trades_l2_zero_gradient_noise_is_fresh_and_unnormalised_each_step():
+    """Issue 37, item 13: the TRADES code's rule written out step by step (numpy, from its
+    definition): where the gradient is zero, delta -= lr * n_k with n_k ~ N(0, 1) per pixel,
+    drawn anew at every step k (fold_in(key, k)) and for every example, not normalised; then
+    x + delta into [0, 1], then delta renormed to eps when longer (eps / (norm + 1e-7)). The
+    loop must return exactly that; the same noise at every step, or normalised noise, would
+    not."""
+    from fpcm_jax.attacks.pgd import trades_l2_iterate
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 1, (4, 6, 6, 3)).astype(np.float32)
+    start = x + 0.001 * rng.standard_normal(x.shape).astype(np.float32)
+    eps, steps, key = 0.5, 6, jax.random.key(11)
+    flat_loss = lambda x_adv, carry: (0.0 * jnp.sum(x_adv), carry)
+    got, carry = trades_l2_iterate(flat_loss, jnp.asarray(x), jnp.asarray(start),
+                                   jnp.float32(7), eps, steps, key, unroll=True)
+    assert float(carry) == 7.0
+    delta = (start - x).astype(np.float64)
+    for k in range(steps):
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(key, k), x.shape, jnp.float32))
+        delta = delta - (2 * eps / steps) * noise
+        delta = np.clip(x + delta, 0, 1) - x
+        length = np.sqrt((delta.reshape(len(x), -1) ** 2).sum(1))[:, None, None, None]
+        delta = np.where(length > eps, delta * eps / (length + 1e-7), delta)
+    np.testing.assert_allclose(np.asarray(got), np.clip(x + delta, 0, 1), atol=1e-5)

@@ -49,10 +49,16 @@ def _dummy_input(image_size: int) -> jax.Array:
     return jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
 
+def init_rngs(key: jax.Array) -> Dict[str, jax.Array]:
+    """The streams a model is initialised with: `params` (the key itself, so the values are
+    those of `model.init(key, ...)`) and `dropout`, which an NNX Dropout needs to be built."""
+    return {"params": key, "dropout": jax.random.fold_in(key, 1)}
+
+
 def variables_template(model: nn.Module, image_size: int = 32) -> Dict[str, Any]:
     """Shapes and dtypes of the model's variables, without computing anything."""
     dummy = _dummy_input(image_size)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+    return jax.eval_shape(lambda: model.init(init_rngs(jax.random.key(0)), dummy, train=False))
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_size: int = 32) -> Dict[str, Any]:
@@ -64,7 +70,7 @@ def init_variables(model: nn.Module, key: jax.Array, image_size: int = 32) -> Di
     that runs once needs; the values are equal bit for bit (measured on widths 8-64).
     """
     dummy = _dummy_input(image_size)
-    init = jax.jit(lambda init_key: model.init(init_key, dummy, train=False))
+    init = jax.jit(lambda init_key: model.init(init_rngs(init_key), dummy, train=False))
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return init.lower(key).compile(compiler_options=options)(key)
 

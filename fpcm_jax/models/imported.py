@@ -138,8 +138,9 @@ def check_protocol(model: nn.Module, import_path: str, num_classes: int,
         raise ModelProtocolError(
             f"{import_path}: its __call__ must take (x, train, progress) as keywords; it takes "
             f"{_signature_text(model)}. See fpcm_jax/models/imported.py for the protocol.")
-    init = _shapes(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False,
-                                      progress=1.0), import_path, "init")
+    init = _shapes(lambda: model.init({"params": jax.random.key(0),
+                                       "dropout": jax.random.key(1)}, jnp.zeros(x.shape),
+                                      train=False, progress=1.0), import_path, "init")
     extra = sorted(set(init) - set(ALLOWED_COLLECTIONS))
     if extra:
         raise ModelProtocolError(
@@ -148,8 +149,9 @@ def check_protocol(model: nn.Module, import_path: str, num_classes: int,
     variables = {k: v for k, v in init.items() if k in ("params", "batch_stats")}
     for train in (False, True):
         mutable = ["batch_stats"] if train else False
+        rngs = {"dropout": jax.random.key(2)} if train else None  # as training passes it
         out = _shapes(lambda v, inputs: model.apply(v, inputs, train=train, progress=1.0,
-                                                    mutable=mutable), import_path,
+                                                    mutable=mutable, rngs=rngs), import_path,
                       f"a call with train={train}", variables, x)
         logits = out[0] if train else out
         if not (hasattr(logits, "shape") and tuple(logits.shape) == (2, num_classes)):

@@ -34,6 +34,7 @@ TRADES_L2_ATTACKS = ("trades", "pgd")  # the TRADES code's L2 loop | normalised 
 MART_ATTACK_STARTS = ("uniform", "normal")  # the FPCM code's PGD start | the MART code's
 ATTACK_LOOPS = {"auto": None, "unrolled": True, "fori": False}  # None: pgd.default_unroll
 SCHEDULES = ("multistep", "cosine")
+DROPOUT_STREAM = 1 << 20  # folded into a step's key: its dropout keys, apart from the others
 
 
 @flax.struct.dataclass
@@ -148,14 +149,17 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Ar
 
 
 def _forward(model: nn.Module) -> Callable:
-    """forward(params, stats, x, progress, train) -> (logits, batch statistics after it)."""
+    """forward(params, stats, x, progress, train, dropout_key) -> (logits, batch statistics
+    after it). In train mode the model gets the `dropout` stream (a model without dropout
+    ignores it); in eval mode none, as evaluation runs it."""
 
-    def forward(params, stats, x, progress, train):
+    def forward(params, stats, x, progress, train, dropout_key=None):
         variables = {"params": params, "batch_stats": stats}
         if not train:
             return model.apply(variables, x, train=False, progress=progress), stats
+        rngs = None if dropout_key is None else {"dropout": dropout_key}
         logits, updates = model.apply(variables, x, train=True, progress=progress,
-                                      mutable=["batch_stats"])
+                                      mutable=["batch_stats"], rngs=rngs)
         return logits, updates.get("batch_stats", stats)  # a model may have no BatchNorm
 
     return forward
@@ -167,10 +171,12 @@ def small_normal_start(key: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Callable:
-    """attack(params, stats, x, y, clean_logits, progress, key) -> (adversarial examples, the
-    running statistics after the attack's forwards): PGD on the cross-entropy, or for TRADES
-    with trades_attack='kl' on the KL divergence from the clean prediction (in L2 with
-    trades_l2_attack='trades', the TRADES code's own loop, `trades_l2_iterate`)."""
+    """attack(params, stats, x, y, clean_logits, progress, key, dropout_key) -> (adversarial
+    examples, the running statistics after the attack's forwards): PGD on the cross-entropy,
+    or for TRADES with trades_attack='kl' on the KL divergence from the clean prediction (in L2
+    with trades_l2_attack='trades', the TRADES code's own loop, `trades_l2_iterate`). Each
+    train-mode forward of the attack draws its own dropout masks (the key, folded once per
+    forward, travels with the running statistics through the loop)."""
     train_cfg, attack_cfg = config.train, config.attack
     mode = attack_cfg.bn_mode
     kl_attack = train_cfg.loss == "trades" and train_cfg.trades_attack == "kl"
@@ -178,13 +184,16 @@ def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Ca
                  train_cfg.get("trades_l2_attack", "trades") == "trades")
     normal_start = train_cfg.loss == "mart" and train_cfg.get("mart_attack_start") == "normal"
 
-    def attack(params, stats, x, y, clean_logits, progress, key):
+    def attack(params, stats, x, y, clean_logits, progress, key, dropout_key):
         if attack_cfg.steps == 0:
             return x, stats
 
-        def logits_and_stats(x_in, stats_in):
-            logits, new_stats = forward(params, stats_in, x_in, progress, mode != "eval")
-            return logits, (new_stats if mode == "train" else stats_in)
+        def logits_and_stats(x_in, carry):
+            stats_in, forward_key = carry
+            logits, new_stats = forward(params, stats_in, x_in, progress, mode != "eval",
+                                        forward_key)
+            return logits, ((new_stats if mode == "train" else stats_in),
+                            jax.random.fold_in(forward_key, 1))
 
         if kl_attack:
             target_logits = clean_logits if mode != "eval" else forward(
@@ -198,9 +207,10 @@ def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Ca
                 return kl, new_stats
 
             if trades_l2:
-                return trades_l2_iterate(loss_fn, x, start, stats, attack_cfg.eps,
-                                         attack_cfg.steps, jax.random.fold_in(key, 1),
-                                         unroll=ATTACK_LOOPS[attack_cfg.loop])
+                x_adv, (stats, _) = trades_l2_iterate(
+                    loss_fn, x, start, (stats, dropout_key), attack_cfg.eps, attack_cfg.steps,
+                    jax.random.fold_in(key, 1), unroll=ATTACK_LOOPS[attack_cfg.loop])
+                return x_adv, stats
         else:
             start = (small_normal_start(key, x) if normal_start  # as the MART code
                      else uniform_start(key, x, attack_cfg.eps, attack_cfg.norm))
@@ -210,9 +220,11 @@ def _training_attack(forward: Callable, config: ml_collections.ConfigDict) -> Ca
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
                 return ce, new_stats
 
-        return pgd_iterate(loss_fn, x, start, stats, attack_cfg.eps, attack_cfg.step_size,
-                           attack_cfg.steps, unroll=ATTACK_LOOPS[attack_cfg.loop],
-                           norm=attack_cfg.norm)
+        x_adv, (stats, _) = pgd_iterate(loss_fn, x, start, (stats, dropout_key), attack_cfg.eps,
+                                        attack_cfg.step_size, attack_cfg.steps,
+                                        unroll=ATTACK_LOOPS[attack_cfg.loop],
+                                        norm=attack_cfg.norm)
+        return x_adv, stats
 
     return attack
 
@@ -239,21 +251,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
     attack = _training_attack(forward, config)
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array], key: jax.Array):
-        augment_key, attack_key = jax.random.split(jax.random.fold_in(key, state.step))
+        step_key = jax.random.fold_in(key, state.step)
+        augment_key, attack_key = jax.random.split(step_key)
+        # A model's dropout: a stream of its own per step (a resume draws the same masks),
+        # one key per forward: 0 clean, 1 adversarial loss, 2 clean loss, 3 the attack's.
+        dropout = lambda use: jax.random.fold_in(jax.random.fold_in(step_key, DROPOUT_STREAM),
+                                                 use)
         x = datasets.augment(batch["images"], augment_key, data_cfg.crop_padding, data_cfg.flip)
         y = batch["labels"]
         progress = cutoff_progress(state.step, steps_per_epoch, train_cfg.epochs,
                                    train_cfg.schedule_per)
         # The official code runs the clean batch first, in train mode (its BN update counts).
-        clean_logits, stats = forward(state.params, state.batch_stats, x, progress, True)
+        clean_logits, stats = forward(state.params, state.batch_stats, x, progress, True,
+                                      dropout(0))
         clean_logits = jax.lax.stop_gradient(clean_logits)
-        x_adv, stats = attack(state.params, stats, x, y, clean_logits, progress, attack_key)
+        x_adv, stats = attack(state.params, stats, x, y, clean_logits, progress, attack_key,
+                              dropout(3))
 
         def loss_fn(params):
-            adv_logits, new_stats = forward(params, stats, x_adv, progress, True)
+            adv_logits, new_stats = forward(params, stats, x_adv, progress, True, dropout(1))
             clean_for_loss = clean_logits
             if train_cfg.loss != "ce":  # needs gradients through the clean branch too
-                clean_for_loss = forward(params, state.batch_stats, x, progress, True)[0]
+                clean_for_loss = forward(params, state.batch_stats, x, progress, True,
+                                         dropout(2))[0]
             loss = losses.adversarial_loss(train_cfg.loss, clean_for_loss, adv_logits, y,
                                            train_cfg.beta, train_cfg.label_smoothing)
             return loss, (adv_logits, new_stats)
