@@ -84,9 +84,18 @@ def tiny_model():
 
 
 def random_variables(model, seed):
+    """Normal draws for every leaf, running variances positive (|draw| + 0.5): a model whose
+    logits are finite (a negative variance gives NaN, which evaluation now refuses)."""
     template = models.variables_template(model)
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(leaf.dtype), template)
+
+    def draw(path, leaf):
+        values = rng.normal(size=leaf.shape)
+        if jax.tree_util.keystr(path).endswith("['var']"):
+            values = np.abs(values) + 0.5
+        return values.astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, template)
 
 
 def check_every_file(saved_dir, load, reference, tmp_path):

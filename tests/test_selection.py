@@ -32,7 +32,7 @@ def scripted_run(workdir, monkeypatch, stop_after_steps=None):
     stopped there and resumed by a second call (as the same command run again)."""
     validated = []
 
-    def scripted_evaluation(eval_step, variables, split, batch_size, key, mesh):
+    def scripted_evaluation(eval_step, variables, split, batch_size, key, mesh, name=""):
         if len(split) != VALIDATION_SIZE:  # the final test
             return {"clean_acc": 0.0, "robust_acc": 0.0, "examples": len(split)}
         clean, robust = SCRIPTED[len(validated)]
