@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fpcm_jax.evaluation import evaluate
+from fpcm_jax.evaluation import accuracy, evaluate
 from fpcm_jax.training import train
 
 pytestmark = pytest.mark.slow
