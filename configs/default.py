@@ -49,8 +49,20 @@ def get_config():
                                             # sha256: the training dataset's one archive)
     config.data.prepare = False             # prepare through tfds instead (needs tensorflow-cpu)
     config.data.validation_size = 1000      # held out of the training split for model selection
+    # Your own data (data.name = "tfds:NAME[/CONFIG][:VERSION]" or "folder:PATH"; docs/data.md)
+    config.data.train_split = "train"       # tfds: the splits (slicing allowed, e.g. train[:90%])
+    config.data.test_split = "test"
+    config.data.image_key = "image"         # tfds: the features holding images and labels
+    config.data.label_key = "label"
+    config.data.image_size = ml_collections.FieldReference(None, field_type=int)  # resize to
+    #                                         NxN (default: the dataset's own square size)
+    config.data.max_in_memory_gb = 4.0      # a split larger than this is streamed, not held
+    config.data.streaming = False           # stream the training split even when it fits
+    config.data.workers = 2                 # streaming: decoding worker processes (0: none)
+    config.data.prefetch = 2                # streaming: batches read ahead
     config.data.flip = True                 # random horizontal flip (not for SVHN)
     config.data.crop_padding = 4            # random crop with zero padding
+    config.data.augment = "pad_crop"        # pad_crop (CIFAR's) | random_resized_crop (larger)
     config.data.extra_path = ""             # extra labelled data: an .npz (uint8 NHWC `image`,
                                             # int `label`) or a folder of them, e.g. 1M EDM images
     config.data.extra_fraction = 0.0        # share of each batch drawn from the extra data

@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from fpcm_jax import attacks, models
-from fpcm_jax.data import datasets
+from fpcm_jax.data import datasets, sources
 from fpcm_jax.models import imported
 
 HOW_COMPUTED = ("dtype", "fpcm_lowpass")
@@ -57,7 +57,7 @@ def describe(config) -> Dict[str, Any]:
     description = json.loads(config.model.to_json())
     kwargs = description.pop("kwargs", None) or {}
     if imported.is_import_path(config.model.name):
-        return describe_imported(description, kwargs, config.data.name)
+        return describe_imported(description, kwargs, config.data)
     if kwargs:
         raise ValueError(f"--config.model.kwargs ({sorted(kwargs)}) applies to a model given "
                          f"by import path (package.module:Factory); {config.model.name} takes "
@@ -67,13 +67,16 @@ def describe(config) -> Dict[str, Any]:
     for field in RESNET_ONLY:  # `--config.model.widths=()` unsets (a flag cannot give None)
         if not description.get(field):
             description[field] = None
-    description["num_classes"] = datasets.get_spec(config.data.name).num_classes
+    spec = datasets.spec_for(config.data)
+    description["num_classes"] = spec.num_classes
     description["dataset"] = config.data.name
+    if sources.is_external(config.data.name):  # the data are not the registry's: record
+        description["image_size"] = spec.image_size  # what building the model needs
     return description
 
 
 def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
-                      dataset: str) -> Dict[str, Any]:
+                      data_config) -> Dict[str, Any]:
     """A model given by import path: the path, the keyword arguments its factory is called
     with, the dataset and where its code came from (`imported.code_fingerprint`)."""
     name = model_fields["name"]
@@ -84,11 +87,14 @@ def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
         raise ValueError(f"--config.model.{changed[0]} applies to the registry's models; "
                          f"{name} takes its options from config.model.kwargs (reset the "
                          f"field, e.g. in your config file).")
-    num_classes = datasets.get_spec(dataset).num_classes
+    spec = datasets.spec_for(data_config)
     kwargs = imported.plain_kwargs(kwargs, "config.model.kwargs")
-    return {"name": name, "kwargs": imported.call_kwargs(factory, kwargs, num_classes),
-            "num_classes": num_classes, "dataset": dataset,
-            "code": imported.code_fingerprint(name)}
+    described = {"name": name, "kwargs": imported.call_kwargs(factory, kwargs, spec.num_classes),
+                 "num_classes": spec.num_classes, "dataset": data_config.name,
+                 "code": imported.code_fingerprint(name)}
+    if sources.is_external(data_config.name):
+        described["image_size"] = spec.image_size
+    return described
 
 
 def give_way_to_import_path(config, given: Sequence[str]) -> Dict[str, Any]:
@@ -167,7 +173,7 @@ def model_from_description(description: Dict[str, Any], dtype: str = "float32",
     if imported.is_import_path(description["name"]):
         return _imported_model(description, dtype)
     check_options(description)
-    spec = datasets.get_spec(description["dataset"]) if description.get("dataset") else None
+    spec = spec_of(description)
     if description["normalization"] == "dataset" and spec is None:
         raise ValueError("The model normalises with its dataset's statistics, but its "
                          "description names no dataset.")
@@ -191,10 +197,23 @@ def _imported_model(description: Dict[str, Any], dtype: str) -> nn.Module:
         where = (f" (the run recorded its code in {recorded.get('file')}, sha256 "
                  f"{str(recorded.get('sha256'))[:12]}...)" if recorded.get("file") else "")
         raise imported.ModelProtocolError(f"{error}{where}") from None
-    dataset = description.get("dataset")
-    image_size = datasets.get_spec(dataset).image_size if dataset else 32
-    imported.check_protocol(model, name, description["num_classes"], image_size)
+    spec = spec_of(description)
+    imported.check_protocol(model, name, description["num_classes"],
+                            spec.image_size if spec else 32)
     return model
+
+
+def spec_of(description: Dict[str, Any]) -> Optional[datasets.DatasetSpec]:
+    """The dataset spec a model description implies: the registry dataset's, or for your own
+    data the recorded image size and classes (ImageNet statistics); None without a dataset."""
+    dataset = description.get("dataset")
+    if not dataset:
+        return None
+    if sources.is_external(dataset):
+        return datasets.DatasetSpec(None, "", "", description["num_classes"],
+                                    int(description.get("image_size") or 32),
+                                    datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)
+    return datasets.get_spec(dataset)
 
 
 def code_warning(description: Dict[str, Any]) -> str:
@@ -208,15 +227,15 @@ def build(config) -> Tuple[nn.Module, datasets.DatasetSpec]:
     """(model, dataset spec) for an experiment config: its model on its dataset."""
     model = model_from_description(describe(config), config.model.dtype,
                                    config.model.fpcm_lowpass)
-    return model, datasets.get_spec(config.data.name)
+    return model, datasets.spec_for(config.data)
 
 
-def largest_distance(norm: str, dataset: str) -> float:
-    """The largest distance two images of the dataset can have in `norm` (L-inf 1; L2
-    sqrt(H W C)): a radius beyond it means nothing."""
+def largest_distance(norm: str, data_config) -> float:
+    """The largest distance two images of config.data's dataset can have in `norm` (L-inf
+    1; L2 sqrt(H W C)): a radius beyond it means nothing."""
     if norm == "linf":
         return 1.0
-    size = datasets.get_spec(dataset).image_size
+    size = datasets.spec_for(data_config).image_size
     return math.sqrt(size * size * 3)
 
 
@@ -225,13 +244,14 @@ CONFIG_FLAGS = ("--config.attack.norm", "--config.attack.eps", "--config.attack.
 
 
 def check_threat_model(norm: str, eps: Optional[float], step_size: Optional[float],
-                       dataset: str, flags=EVAL_FLAGS) -> None:
+                       data_config, flags=EVAL_FLAGS) -> None:
     """norm one of attacks.NORMS, 0 < eps <= the largest distance of two images in that norm,
     0 <= step_size <= that distance (None: not given); `flags` name the three in errors."""
     if norm not in attacks.NORMS:
         raise ValueError(f"{flags[0]}={norm!r} is not a threat model; use one of "
                          f"{', '.join(attacks.NORMS)}.")
-    bound = largest_distance(norm, dataset)
+    bound = largest_distance(norm, data_config)
+    dataset = data_config.name
     usual = "8/255 is 0.03137" if norm == "linf" else "0.5 is usual"
     for flag, value, interval in ((flags[1], eps, f"(0, {bound:.5g}]"),
                                   (flags[2], step_size, f"[0, {bound:.5g}]")):

@@ -249,7 +249,8 @@ MAY_CHANGE_ON_RESUME = {
     "analysis.feature_examples", "attack.loop", "eval.autoattack_fitted_batches",
     "model.fpcm_lowpass", "data.data_dir",
     "data.download", "data.source_url", "data.test_sets_url", "data.source_sha256",
-    "data.prepare", "multihost"}
+    "data.prepare", "data.max_in_memory_gb", "data.streaming", "data.workers",
+    "data.prefetch", "multihost"}
 
 
 def another_value(value, field_type):

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import tiny_config
 from fpcm_jax import attacks, experiment
-from fpcm_jax.data import datasets
+from fpcm_jax.data import augmentation, datasets
 from fpcm_jax.training import train_step
 
 MOMENTUM = 0.9  # Flax convention of PyTorch's BatchNorm momentum 0.1 (SPEC section 6)
@@ -230,7 +230,7 @@ def reference_step(config, model, state, batch, key, step_x_adv):
     that a pixel whose tiny gradient's sign rounds differently does not spread."""
     train_cfg = config.train
     augment_key, attack_key = jax.random.split(jax.random.fold_in(key, state.step))
-    x = datasets.augment(batch["images"], augment_key, config.data.crop_padding, config.data.flip)
+    x = augmentation.augment(batch["images"], augment_key, config.data.crop_padding, config.data.flip)
     y = batch["labels"]
     forwards = Forwards(model, 1 / train_cfg.epochs, state.batch_stats)  # epoch 1 of T
     params = state.params
@@ -313,7 +313,7 @@ def test_augmentation_draws_every_crop_offset_and_flips_half():
     count, padding = 1024, 4
     rng = np.random.default_rng(0)
     image = rng.permutation(np.arange(32 * 32 * 3) % 255 + 1).reshape(32, 32, 3).astype(np.uint8)
-    out = np.asarray(datasets.augment(jnp.asarray(np.repeat(image[None], count, 0)),
+    out = np.asarray(augmentation.augment(jnp.asarray(np.repeat(image[None], count, 0)),
                                   jax.random.key(0), padding=padding, flip=True))
     padded = np.pad(image / 255.0, ((padding, padding), (padding, padding), (0, 0)))
     found = np.full(count, -1)

@@ -18,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fpcm_jax import parallel
-from fpcm_jax.data import archives
+from fpcm_jax.data import archives, sources, streaming
+from fpcm_jax.data.sources import DatasetError
 from fpcm_jax.models.common import CIFAR10_MEAN, CIFAR10_STD
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -65,14 +66,37 @@ class Split:
         return len(self.labels)
 
 
-class DatasetError(RuntimeError):
-    """A dataset that cannot be read; the message says how to fix it."""
-
-
 def get_spec(name: str) -> DatasetSpec:
+    """A registry dataset's spec (your own data: `spec_for`)."""
     if name not in DATASETS:
-        raise DatasetError(f"Unknown dataset {name!r}; valid: {', '.join(DATASETS)}.")
+        raise DatasetError(f"Unknown dataset {name!r}; valid: {', '.join(DATASETS)}, or your "
+                           f"own: tfds:NAME or folder:PATH.")
     return DATASETS[name]
+
+
+_OPENED: Dict[Tuple, sources.Source] = {}
+
+
+def open_source(data_config) -> sources.Source:
+    """The source of your own data that config.data names, opened once per process."""
+    key = tuple(str(data_config.get(field)) for field in SOURCE_FIELDS)
+    if key not in _OPENED:
+        _OPENED[key] = sources.open_source(data_config)
+    return _OPENED[key]
+
+
+SOURCE_FIELDS = ("name", "data_dir", "image_size", "train_split", "test_split", "image_key",
+                 "label_key")
+
+
+def spec_for(data_config) -> DatasetSpec:
+    """The spec of config.data's dataset: the registry's, or your own data's (its classes
+    and image size from the source; ImageNet's statistics for `normalization=dataset`)."""
+    if not sources.is_external(data_config.name):
+        return get_spec(data_config.name)
+    source = open_source(data_config)
+    return DatasetSpec(None, data_config.train_split, data_config.test_split,
+                       source.num_classes, source.image_size, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def load_for(config, validation: bool = True) -> Tuple[Split, Split, Split]:
@@ -80,9 +104,32 @@ def load_for(config, validation: bool = True) -> Tuple[Split, Split, Split]:
     for a caller that reads the test split only (no validation split is held out, so
     data.validation_size is not checked against the training split)."""
     settings = config.data
-    return load(settings.name, settings.data_dir,
-                settings.validation_size if validation else 0, settings.prepare,
+    validation_size = settings.validation_size if validation else 0
+    if sources.is_external(settings.name):
+        return _load_own(settings, validation_size, config.seed)
+    return load(settings.name, settings.data_dir, validation_size, settings.prepare,
                 config.seed, settings.download, settings.source_url, settings.source_sha256)
+
+
+def _load_own(settings, validation_size: int, seed: int) -> Tuple[Split, Split, Split]:
+    """Your own data's splits: the validation split held out of the training split (as for
+    the registry's) and read into memory; the training and test splits read into memory when
+    each fits data.max_in_memory_gb (and data.streaming is off), else left to be read image by
+    image (`sources.LazyImages`)."""
+    source = open_source(settings)
+    images, labels = source.train
+    full_train = Split(images, labels)
+    if not 0 <= validation_size < len(full_train):
+        raise DatasetError(f"validation_size={validation_size} must lie in [0, "
+                           f"{len(full_train)}) for {settings.name}.")
+    order = np.random.default_rng(seed).permutation(len(full_train))
+    held_out, kept = np.sort(order[:validation_size]), np.sort(order[validation_size:])
+    limit = settings.max_in_memory_gb * 2 ** 30
+    whole = lambda lazy: (np.asarray(lazy) if not settings.streaming and
+                          lazy.nbytes_whole() <= limit else lazy)
+    return (Split(whole(images[kept]), labels[kept]),
+            Split(np.asarray(images[held_out]), labels[held_out]),
+            Split(whole(source.test[0]), source.test[1]))
 
 
 def load(name: str, data_dir: Optional[str] = None, validation_size: int = 0,
@@ -196,28 +243,10 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir: Optional[str],
     return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
 
 
-def augment(images: jax.Array, key: jax.Array, padding: int = 4, flip: bool = True) -> jax.Array:
-    """uint8 NHWC -> float32 in [0, 1]: zero-padded random crop and random horizontal flip.
-
-    As torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, one draw per image.
-    """
-    batch, height, width, _ = images.shape
-    x = images.astype(jnp.float32) / 255.0
-    crop_key, flip_key = jax.random.split(key)
-    if padding:
-        padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1)
-        crop = lambda image, offset: jax.lax.dynamic_slice(
-            image, (offset[0], offset[1], 0), (height, width, image.shape[-1]))
-        x = jax.vmap(crop)(padded, offsets)
-    if flip:
-        flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
-        x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
-    return x
-
-
-def to_float(images: jax.Array) -> jax.Array:
-    """uint8 -> float32 in [0, 1], for evaluation."""
+def to_float(images) -> jax.Array:
+    """uint8 -> float32 in [0, 1], for evaluation (lazy images are read first)."""
+    if isinstance(images, sources.LazyImages):
+        images = np.asarray(images)
     return images.astype(jnp.float32) / 255.0
 
 
@@ -290,3 +319,19 @@ class Batches:
             return self._gather(*self._arrays, parallel.global_array(main, self._sharded), votes)
         return self._gather(*self._arrays, parallel.global_array(main, self._repl),
                             parallel.global_array(extra, self._repl), votes)
+
+
+def batches_for(train_split: Split, extra: Optional[Split], batch_size: int,
+                extra_fraction: float, seed: int, data_config=None):
+    """`Batches` over a training split held in memory, or the same batches streamed with
+    Grain (`streaming.StreamedBatches`) when its images are read on demand."""
+    batches = Batches(train_split, extra, batch_size, extra_fraction, seed)
+    if not isinstance(train_split.images, sources.LazyImages):
+        return batches
+    if extra is not None:
+        raise DatasetError("--config.data.extra_path with a streamed training split is not "
+                           "supported: hold the training split in memory (raise "
+                           "data.max_in_memory_gb) or leave the extra data out.")
+    workers = data_config.workers if data_config is not None else 2
+    prefetch = data_config.prefetch if data_config is not None else 2
+    return streaming.StreamedBatches(batches, workers, prefetch)

@@ -44,7 +44,7 @@ def check_evaluation(config: ml_collections.ConfigDict, attack: str,
     _check_corruption_options(config, attack, split, corruption_names, severities)
     given = (norm, eps, step_size)
     norm = config.attack.norm if norm is None else norm
-    experiment.check_threat_model(norm, eps, step_size, config.data.name)
+    experiment.check_threat_model(norm, eps, step_size, config.data)
     if norm == config.attack.norm:  # eps and step default to the config's
         flags = tuple(flag if value is not None else config_flag for flag, config_flag, value
                       in zip(experiment.EVAL_FLAGS, experiment.CONFIG_FLAGS, given))

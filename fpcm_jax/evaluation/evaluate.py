@@ -149,7 +149,7 @@ def threat_model(config, norm: Optional[str], eps: Optional[float],
 def _load_for_dataset(config, path: str, mesh, model_overrides, allow_fallback: bool):
     """(model, variables, info, path) of the checkpoint, which must classify the config's
     dataset; an official PyTorch file is read as the config's model."""
-    spec = datasets.get_spec(config.data.name)
+    spec = datasets.spec_for(config.data)
     official = experiment.official_description(config.model.name, spec.num_classes,
                                                config.model.fpcm)
     model, variables, info, path = loading.load_model(
@@ -165,7 +165,7 @@ def _load_for_dataset(config, path: str, mesh, model_overrides, allow_fallback: 
 def _given_model(config, model, variables, description: Dict[str, Any], mesh):
     """(model, variables on the mesh, its description, '(given)') for a model given in Python;
     its logits must fit the config's dataset."""
-    spec = datasets.get_spec(config.data.name)
+    spec = datasets.spec_for(config.data)
     sharding = parallel.replicated(mesh)
     variables = jax.tree.map(lambda leaf: parallel.global_array(np.asarray(leaf), sharding),
                              dict(variables))

@@ -55,6 +55,10 @@ HOW_RUN = {
     "data.test_sets_url": "a mirror of the test sets' files (their checksums are checked)",
     "data.source_sha256": "checksums of a mirror's files",
     "data.prepare": "tfds preparation instead of the archive: the same images",
+    "data.max_in_memory_gb": "held in memory or streamed: the same images in the same order",
+    "data.streaming": "held in memory or streamed: the same images in the same order",
+    "data.workers": "how many processes decode the streamed images",
+    "data.prefetch": "how many streamed batches are read ahead",
     "multihost": "how the processes find each other; the devices are in environment.json",
 }
 # Not here, though they look like "how": eval.batch_size (validation's PGD random starts are

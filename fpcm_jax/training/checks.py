@@ -17,7 +17,7 @@ import os
 import ml_collections
 
 from fpcm_jax import attacks, experiment, layers, models, parallel
-from fpcm_jax.data import datasets
+from fpcm_jax.data import augmentation, datasets, sources
 from fpcm_jax.training import losses, train_step
 
 
@@ -47,10 +47,13 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
                ("attack.loop", config.attack.loop, tuple(train_step.ATTACK_LOOPS)),
                ("model.dtype", config.model.dtype, tuple(models.DTYPES)),
                ("model.fpcm_lowpass", config.model.fpcm_lowpass, layers.LOWPASS_IMPLS),
+               ("data.augment", config.data.augment, augmentation.AUGMENTATIONS),
                ("data.name", config.data.name, tuple(datasets.DATASETS))]
     for name, value, valid in choices:
-        if value not in valid:
-            raise ValueError(f"--config.{name}={value!r} is not valid; use one of {valid}.")
+        if value not in valid and not (name == "data.name" and sources.is_external(value)):
+            raise ValueError(f"--config.{name}={value!r} is not valid; use one of {valid}"
+                             f"{', or tfds:NAME / folder:PATH' if name == 'data.name' else ''}.")
+    datasets.spec_for(config.data)  # your own data: opened (and its errors named) now
 
 
 def _check_counts(config: ml_collections.ConfigDict) -> None:
@@ -72,7 +75,7 @@ def _check_counts(config: ml_collections.ConfigDict) -> None:
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
     attack = config.attack
-    experiment.check_threat_model(attack.norm, attack.eps, attack.step_size, config.data.name,
+    experiment.check_threat_model(attack.norm, attack.eps, attack.step_size, config.data,
                                   experiment.CONFIG_FLAGS)
     experiment.check_radius_fits_norm(attack.norm, attack.eps, attack.step_size)
     if not config.train.lr > 0:

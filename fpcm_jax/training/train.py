@@ -67,8 +67,9 @@ class _Training:
         train_split, self.val_split, self.test_split = datasets.load_for(config)
         extra = (datasets.load_extra(config.data.extra_path, spec, config.data.name)
                  if config.data.extra_path else None)
-        self.batches = datasets.Batches(train_split, extra, config.train.batch_size,
-                                    config.data.extra_fraction, config.seed)
+        self.batches = datasets.batches_for(train_split, extra, config.train.batch_size,
+                                            config.data.extra_fraction, config.seed,
+                                            config.data)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * config.train.epochs
         self.run_dir = run_dir.RunDirectory(workdir, experiment.describe(config), config)

@@ -25,7 +25,7 @@ import optax
 from flax import linen as nn
 
 from fpcm_jax import models, parallel
-from fpcm_jax.data import datasets
+from fpcm_jax.data import augmentation
 from fpcm_jax.training import losses
 from fpcm_jax.attacks.pgd import pgd_iterate, trades_l2_iterate, uniform_start
 
@@ -257,7 +257,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
         # one key per forward: 0 clean, 1 adversarial loss, 2 clean loss, 3 the attack's.
         dropout = lambda use: jax.random.fold_in(jax.random.fold_in(step_key, DROPOUT_STREAM),
                                                  use)
-        x = datasets.augment(batch["images"], augment_key, data_cfg.crop_padding, data_cfg.flip)
+        x = augmentation.augment_for(batch["images"], augment_key, data_cfg)
         y = batch["labels"]
         progress = cutoff_progress(state.step, steps_per_epoch, train_cfg.epochs,
                                    train_cfg.schedule_per)

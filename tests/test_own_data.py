@@ -1,0 +1,183 @@
+"""Your own data (issue 38): an image folder and a tensorflow-datasets dataset, held in memory
+or streamed with Grain, on data the tests make (PNG and JPEG files written here; tfds's
+`mock_data`).
+
+- a folder's classes are its sub-folders sorted by name, its images decoded and resized; a
+  folder without images, an unreadable file or a class missing from the test split is one
+  line naming it;
+- streaming and holding in memory give the same batches, image for image, for the same seed,
+  with or without worker processes, and a stream started mid-epoch (a resume) gives the same
+  next batch as the stream that went through the epoch.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from fpcm_jax import parallel
+from fpcm_jax.data import datasets, sources
+
+CLASSES = ("cat", "ant", "bee")  # sorted: ant, bee, cat
+
+
+def image_folder(root, size=64, train_per_class=6, test_per_class=2, test_name="test"):
+    """root/{train,test}/<class>/<i>.png|jpg: each image a class colour plus noise, its index
+    written into pixel (0, 0) (so a test can tell which file a decoded image is)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), (test_name, test_per_class)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                image = np.clip(rng.normal(60 + 60 * label, 20, (size, size, 3)), 0, 255)
+                image = image.astype(np.uint8)
+                suffix = "jpg" if index == count - 1 else "png"  # one JPEG per class
+                Image.fromarray(image).save(folder / f"{index:03d}.{suffix}")
+    return root
+
+
+def folder_config(root, **changes):
+    config = tiny_config(data__name=f"folder:{root}", data__validation_size=2,
+                         data__image_size=32, **changes)
+    return config
+
+
+def test_a_folders_classes_are_sorted_and_its_images_resized(tmp_path):
+    root = image_folder(tmp_path / "set", size=48)
+    source = sources.open_source(folder_config(root).data)
+    assert source.classes == ("ant", "bee", "cat") and source.image_size == 32
+    images, labels = source.train
+    assert len(images) == 18 and list(labels) == [0] * 6 + [1] * 6 + [2] * 6
+    first = np.asarray(images[:1])
+    assert first.shape == (1, 32, 32, 3) and first.dtype == np.uint8
+    expected = np.asarray(Image.open(root / "train" / "ant" / "000.png").resize(
+        (32, 32), Image.BILINEAR))
+    np.testing.assert_array_equal(first[0], expected)  # 48 -> 32: shorter side, no crop
+    assert len(source.test[0]) == 6 and source.fingerprint["train"]["files"] == 18
+    assert sources.open_source(folder_config(root).data).fingerprint == source.fingerprint
+
+
+def test_a_folder_named_by_its_first_images_size(tmp_path):
+    root = image_folder(tmp_path / "set", size=40)
+    config = folder_config(root)
+    config.data.image_size = None
+    assert sources.open_source(config.data).image_size == 40
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "holds no images"),
+    ("missing_class", "has no folder for the class 'bee'"),
+    ("no_test", "has no test/ or val/ folder"),
+])
+def test_a_broken_folder_is_one_line(tmp_path, damage, message):
+    root = image_folder(tmp_path / "set")
+    if damage == "empty":
+        for name in CLASSES:
+            for file in os.listdir(root / "train" / name):
+                os.remove(root / "train" / name / file)
+    elif damage == "missing_class":
+        for file in os.listdir(root / "test" / "bee"):
+            os.remove(root / "test" / "bee" / file)
+        os.rmdir(root / "test" / "bee")
+    else:
+        os.rename(root / "test", root / "elsewhere")
+    with pytest.raises(sources.DatasetError, match=message) as raised:
+        sources.open_source(folder_config(root).data)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    root = image_folder(tmp_path / "set")
+    broken = root / "train" / "bee" / "002.png"
+    broken.write_bytes(b"not a png")
+    images, _ = sources.open_source(folder_config(root).data).train
+    with pytest.raises(sources.DatasetError, match=f"Cannot read the image {broken}"):
+        np.asarray(images)
+
+
+def batches_of(config, streaming, epochs=2, workers=0):
+    """Every batch of `epochs` epochs, fetched as numpy, from the in-memory or the streamed
+    path of the same config."""
+    config.data.streaming, config.data.workers = streaming, workers
+    train, _, _ = datasets.load_for(config)
+    assert isinstance(train.images, sources.LazyImages) == streaming
+    batches = datasets.batches_for(train, None, config.train.batch_size, 0.0, config.seed,
+                                   config.data)
+    mesh = parallel.make_mesh()
+    batches.place(mesh)
+    votes = parallel.process_votes(False, mesh)
+    found = []
+    for epoch in range(epochs):
+        for position in range(batches.steps_per_epoch):
+            batch, _ = batches.gather(epoch, position, votes)
+            found.append({key: np.asarray(value) for key, value in batch.items()})
+    return found
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_gives_the_in_memory_batches(tmp_path, workers):
+    """Two epochs of batches of 4 (16 training images, 4 steps per epoch): the same images and
+    labels in the same order, streamed (Grain, `workers` worker processes) or held in memory;
+    the second epoch in another order than the first."""
+    root = image_folder(tmp_path / "set")
+    config = folder_config(root, train__batch_size=4)
+    held = batches_of(config, streaming=False)
+    streamed = batches_of(folder_config(root, train__batch_size=4), streaming=True,
+                          workers=workers)
+    assert len(held) == len(streamed) == 8
+    for one, other in zip(held, streamed):
+        np.testing.assert_array_equal(one["images"], other["images"])
+        np.testing.assert_array_equal(one["labels"], other["labels"])
+    assert not np.array_equal(held[0]["images"], held[4]["images"])
+
+
+def test_a_stream_started_mid_epoch_gives_the_same_next_batch(tmp_path):
+    """A resume at position 2 of epoch 1 (a new process: a new stream) reads what the stream
+    that ran through epoch 0 and 1 read there."""
+    root = image_folder(tmp_path / "set")
+    config = folder_config(root, train__batch_size=4, data__streaming=True, data__workers=0)
+    whole = batches_of(config, streaming=True)
+    train, _, _ = datasets.load_for(config)
+    resumed = datasets.batches_for(train, None, 4, 0.0, config.seed, config.data)
+    mesh = parallel.make_mesh()
+    resumed.place(mesh)
+    batch, _ = resumed.gather(1, 2, parallel.process_votes(False, mesh))
+    np.testing.assert_array_equal(np.asarray(batch["images"]), whole[4 + 2]["images"])
+
+
+def mnist_like(count):
+    """`tfds.data_source`'s examples for tfds.testing.mock_data: its own random examples are
+    encoded with TensorFlow (not installed), so these are given decoded, as the ArrayRecord
+    source returns them: 28x28x1 uint8 images, the label i % 10 (split 'test': i % 10 + 1)."""
+    def as_data_source(builder, split, decoders=None, **_):
+        rng = np.random.default_rng(len(str(split)))
+        shift = 1 if str(split).startswith("test") else 0
+        return [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8),
+                 "label": np.int64((i + shift) % 10)} for i in range(count)]
+    return as_data_source
+
+
+def test_a_tfds_dataset_by_name(tmp_path):
+    """tfds:mnist under tfds.testing.mock_data: its classes and image size from the builder's
+    info (28x28 grey, made RGB and resized to 32), labels as the source holds them."""
+    import tensorflow_datasets as tfds
+
+    config = tiny_config(data__name="tfds:mnist", data__image_size=32,
+                         data__validation_size=4, data__data_dir=str(tmp_path))
+    with tfds.testing.mock_data(as_data_source_fn=mnist_like(12)):
+        source = sources.open_source(config.data)
+        assert source.num_classes == 10 and source.image_size == 32
+        images, labels = source.train
+        assert len(images) == len(labels) == 12 and labels.dtype == np.int32
+        assert list(labels) == [i % 10 for i in range(12)]
+        assert list(source.test[1]) == [(i + 1) % 10 for i in range(12)]
+        first = np.asarray(images[:2])
+        assert first.shape == (2, 32, 32, 3)
+        assert np.array_equal(first[..., 0], first[..., 2])  # grey made RGB
+        train, validation, test = datasets.load_for(config)
+        assert len(train) == 8 and len(validation) == 4 and len(test) == 12
+        assert datasets.spec_for(config.data).num_classes == 10
