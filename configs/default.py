@@ -33,6 +33,7 @@ def get_config():
     config.model.dtype = "float32"          # float32 | bfloat16 (mixed precision: float32
                                             # parameters, BN statistics, FPCM filter and loss)
     config.model.activation = "relu"        # relu (official) | swish (the authors' WRN-28-10 recipe)
+    config.model.stem = "cifar"             # ResNets: cifar (3x3 conv) | imagenet (7x7/2 + max-pool)
     config.model.normalization = "none"     # none (official ResNet-18) | cifar10 (official WRN) | dataset
     config.model.widths = ml_collections.FieldReference(None, field_type=tuple)  # tiny variants
     config.model.stage_sizes = ml_collections.FieldReference(None, field_type=tuple)

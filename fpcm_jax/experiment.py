@@ -30,7 +30,8 @@ RESNET_ONLY = ("widths", "stage_sizes")
 # path takes its options from config.model.kwargs, so these must stay as they are.
 REGISTRY_FIELDS = {"fpcm": True, "fpcm_variant": "tokens", "cutoff_start": 0.5,
                    "cutoff_end": 0.125, "fpcm_alpha": None, "activation": "relu",
-                   "normalization": "none", "widths": None, "stage_sizes": None}
+                   "normalization": "none", "widths": None, "stage_sizes": None,
+                   "stem": "cifar"}
 
 
 def official_model_section(name: str) -> Dict[str, Any]:
@@ -41,7 +42,7 @@ def official_model_section(name: str) -> Dict[str, Any]:
     return {"name": name, "fpcm": True, "fpcm_variant": "tokens",
             "cutoff_start": 0.125 if is_wrn else 0.5, "cutoff_end": 0.125,
             "normalization": "cifar10" if is_wrn else "none", "widths": None,
-            "stage_sizes": None, "activation": "relu", "fpcm_alpha": None}
+            "stage_sizes": None, "activation": "relu", "fpcm_alpha": None, "stem": "cifar"}
 
 
 def official_description(name: str, num_classes: int, fpcm: bool = True,
@@ -70,9 +71,19 @@ def describe(config) -> Dict[str, Any]:
     spec = datasets.spec_for(config.data)
     description["num_classes"] = spec.num_classes
     description["dataset"] = config.data.name
-    if sources.is_external(config.data.name):  # the data are not the registry's: record
-        description["image_size"] = spec.image_size  # what building the model needs
+    description.update(own_data_record(config.data, spec))
     return description
+
+
+def own_data_record(data_config, spec) -> Dict[str, Any]:
+    """For your own data, what a model description records of it: the image size (building the
+    model needs it) and where the data came from (`sources.Source.fingerprint`: source, splits,
+    classes, file count and index digest), so a resume on other data is refused; {} for the
+    registry's datasets."""
+    if not sources.is_external(data_config.name):
+        return {}
+    return {"image_size": spec.image_size,
+            "data": datasets.open_source(data_config).fingerprint}
 
 
 def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
@@ -92,8 +103,7 @@ def describe_imported(model_fields: Dict[str, Any], kwargs: Dict[str, Any],
     described = {"name": name, "kwargs": imported.call_kwargs(factory, kwargs, spec.num_classes),
                  "num_classes": spec.num_classes, "dataset": data_config.name,
                  "code": imported.code_fingerprint(name)}
-    if sources.is_external(data_config.name):
-        described["image_size"] = spec.image_size
+    described.update(own_data_record(data_config, spec))
     return described
 
 
@@ -132,16 +142,22 @@ def check_options(description: Dict[str, Any], dtype: str = "float32") -> None:
         _imported_model(description, dtype)
         return
     name = str(description["name"]).lower()
-    if name not in ("resnet18", "resnet-18") and not models.is_wide_resnet_name(name):
+    if name not in models.RESNETS and not models.is_wide_resnet_name(name):
         raise ValueError(f"--config.model.name={description['name']!r} is not a model; valid "
                          f"names: {', '.join(models.MODEL_NAMES)}; a WideResNet's depth is "
                          f"6n+4.")
-    if name not in ("resnet18", "resnet-18"):
+    if name not in models.RESNETS:
         given = [field for field in RESNET_ONLY if description.get(field)]
         if given:
-            raise ValueError(f"--config.model.{given[0]} applies to resnet18 only; "
+            raise ValueError(f"--config.model.{given[0]} applies to the ResNets only; "
                              f"{description['name']} sets its widths by name (wrn-<depth>-"
                              f"<width>): unset it with --config.model.{given[0]}=().")
+        if description.get("stem", "cifar") != "cifar":
+            raise ValueError(f"--config.model.stem={description['stem']!r} applies to the "
+                             f"ResNets only; {description['name']} has the CIFAR stem.")
+    if description.get("stem", "cifar") not in models.STEMS:
+        raise ValueError(f"--config.model.stem={description.get('stem')!r} is not valid; use "
+                         f"one of {models.STEMS}.")
     for field in RESNET_ONLY:
         value = description.get(field)
         if value is not None and (len(value) != 4 or min(value) < 1):
@@ -179,6 +195,8 @@ def model_from_description(description: Dict[str, Any], dtype: str = "float32",
                          "description names no dataset.")
     mean, std = datasets.normalization(description["normalization"], spec)
     extra = {field: tuple(description[field]) for field in RESNET_ONLY if description[field]}
+    if str(description["name"]).lower() in models.RESNETS:
+        extra["stem"] = description.get("stem", "cifar")
     return models.create(description["name"], num_classes=description["num_classes"],
                          fpcm=description["fpcm"], fpcm_variant=description["fpcm_variant"],
                          cutoff_start=description["cutoff_start"],

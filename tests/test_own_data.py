@@ -181,3 +181,65 @@ def test_a_tfds_dataset_by_name(tmp_path):
         train, validation, test = datasets.load_for(config)
         assert len(train) == 8 and len(validation) == 4 and len(test) == 12
         assert datasets.spec_for(config.data).num_classes == 10
+
+
+SHARD_SCRIPT = """
+import json, sys
+import numpy as np
+from fpcm_jax import parallel
+parallel.setup(False, sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from configs import tiny                                 # (conftest would fake 4 devices)
+from fpcm_jax.data import datasets
+config = tiny.get_config()
+config.data.name, config.data.validation_size = "folder:" + sys.argv[3], 2
+config.data.image_size, config.train.batch_size, config.data.workers = 32, 8, 0
+held, _, _ = datasets.load_for(config)                  # every image, to check what was read
+config.data.streaming = True
+train, _, _ = datasets.load_for(config)
+batches = datasets.batches_for(train, None, 8, 0.0, config.seed, config.data)
+mesh = parallel.make_mesh()
+batches.place(mesh)
+read = []
+for position in range(batches.steps_per_epoch):
+    local = batches.local_batch(0, position)
+    wanted = batches.indices(0, position)[0][batches._rows]
+    assert np.array_equal(local["images"], held.images[wanted])  # these files, decoded
+    read += wanted.tolist()
+    batch, _ = batches.gather(0, position, parallel.process_votes(False, mesh))
+    assert np.array_equal(parallel.fetch(batch["labels"]),
+                          held.labels[batches.indices(0, position)[0]])
+print(json.dumps({"read": read, "devices": jax.local_device_count()}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_half_of_an_epoch(tmp_path):
+    """Two processes (2 CPU devices each, gloo) stream one epoch: each reads only the rows its
+    devices hold, half of every batch; together they read each image of the epoch once, and
+    the global batch they assemble is the in-memory path's."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    root = image_folder(tmp_path / "set")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{repo}:{repo}/tests",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    started = [subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, f"127.0.0.1:{port}",
+                                 str(index), str(root)], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for index in range(2)]
+    reports = []
+    for process in started:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    first, second = (set(report["read"]) for report in reports)
+    assert reports[0]["devices"] == reports[1]["devices"] == 2
+    assert len(reports[0]["read"]) == len(reports[1]["read"]) == 8  # 16 images: half each
+    assert not first & second and len(first | second) == 16

@@ -11,8 +11,9 @@ tfds: read with `tfds.data_source` (ArrayRecord, no TensorFlow) from `data.data_
 `data.label_key`; the number of classes and the image size come from the builder's info
 (`data.image_size` resizes). The labels are read without decoding the images.
 
-folder: classes are the sub-folders of PATH/train, sorted by name; the test split is PATH/test
-(else PATH/val) and must hold every class; images (png, jpg, jpeg, any mode) are decoded to RGB
+folder: classes are the sub-folders of PATH/train, sorted by name (their images found at any
+depth below, as Tiny-ImageNet's train/<class>/images/); the test split is PATH/test (else
+PATH/val) and must hold every class; images (png, jpg, jpeg, any mode) are decoded to RGB
 and resized to `data.image_size` (the shorter side, then a centre crop), or to the first
 image's size when that is not given.
 
@@ -162,11 +163,11 @@ def _class_files(folder: str, classes: Optional[Sequence[str]] = None
     classes = list(classes) if classes is not None else found
     files, labels = [], []
     for label, name in enumerate(classes):
-        directory = os.path.join(folder, name)
-        for file in sorted(os.listdir(directory)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(directory, file))
-                labels.append(label)
+        found_files = sorted(os.path.join(root, file)
+                             for root, _, names in os.walk(os.path.join(folder, name))
+                             for file in names if file.lower().endswith(IMAGE_EXTENSIONS))
+        files += found_files
+        labels += [label] * len(found_files)
     return classes, files, labels
 
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from fpcm_jax import attacks, experiment, parallel, progress
-from fpcm_jax.data import corruptions, datasets
+from fpcm_jax.data import corruptions, datasets, sources
 from fpcm_jax.evaluation import accuracy, autoattack_eval, corruption_eval
 from fpcm_jax.reports import plots
 from fpcm_jax.runs import loading
@@ -155,6 +155,14 @@ def _load_for_dataset(config, path: str, mesh, model_overrides, allow_fallback: 
     model, variables, info, path = loading.load_model(
         path, mesh, model_overrides, config.model.dtype, config.model.fpcm_lowpass,
         allow_fallback, official=official)
+    recorded = info.get("data") or {}
+    if recorded and sources.is_external(config.data.name):
+        classes = list(datasets.open_source(config.data).classes)
+        if recorded.get("classes") != classes:
+            raise ValueError(f"The checkpoint {path} was trained on {recorded.get('source')} "
+                             f"with the classes {recorded.get('classes')}; "
+                             f"{config.data.name} has {classes}: its labels mean other "
+                             f"classes. Evaluate it on data with the same classes.")
     if info["num_classes"] != spec.num_classes:
         raise ValueError(f"The checkpoint {path} classifies {info['num_classes']} classes, "
                          f"{config.data.name} has {spec.num_classes}: evaluate it with the "

@@ -1,4 +1,5 @@
-"""Model registry: `create("resnet18" | "wrn-<depth>-<width>", num_classes=..., fpcm=...)`."""
+"""Model registry: `create("resnet18" | "resnet50" | "wrn-<depth>-<width>", num_classes=...,
+fpcm=...)`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from flax import linen as nn
 
 from fpcm_jax.models.common import ACTIVATIONS  # noqa: F401  (the valid model.activation)
 from fpcm_jax.models.common import CifarClassifier
-from fpcm_jax.models.resnet import ResNet
+from fpcm_jax.models.resnet import STEMS, ResNet  # noqa: F401  (STEMS: the valid model.stem)
 from fpcm_jax.models.wide_resnet import WideResNet
 
 _WRN_NAME = re.compile(r"^wrn-(\d+)-(\d+)$")
-MODEL_NAMES = ("resnet18", "wrn-<depth>-<width> (e.g. wrn-34-10, wrn-28-10, wrn-16-2)")
+MODEL_NAMES = ("resnet18", "resnet50",
+               "wrn-<depth>-<width> (e.g. wrn-34-10, wrn-28-10, wrn-16-2)")
+RESNETS = {"resnet18": {}, "resnet-18": {},
+           "resnet50": {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck"},
+           "resnet-50": {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck"}}
 
 
 def is_wide_resnet_name(name: str) -> bool:
@@ -33,8 +38,8 @@ def create(name: str, num_classes: int = 10, fpcm: bool = True, **kwargs) -> nn.
     BatchNorm statistics stay float32).
     """
     key = name.lower()
-    if key in ("resnet18", "resnet-18"):
-        return ResNet(num_classes=num_classes, fpcm=fpcm, **kwargs)
+    if key in RESNETS:
+        return ResNet(num_classes=num_classes, fpcm=fpcm, **{**RESNETS[key], **kwargs})
     match = _WRN_NAME.match(key)
     if match:
         depth, width = int(match.group(1)), int(match.group(2))
