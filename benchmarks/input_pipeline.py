@@ -4,11 +4,14 @@ streamed with Grain, and the process's peak memory. One JSON line per setting.
 
     python benchmarks/input_pipeline.py --size 64 --images 2000 --batch 128 --workers 2
     python benchmarks/input_pipeline.py --size 224 --images 1000 --batch 64 --workers 2
-    python benchmarks/input_pipeline.py --size 224 --images 3000 --streaming-only \
+    python benchmarks/input_pipeline.py --size 224 --images 3000 --only streaming \
         --max-in-memory-gb 0.1      # a folder larger than the limit: peak memory stays bounded
+    python benchmarks/input_pipeline.py --size 224 --images 3000 --only memory  # to compare
 
 The folder is written once under --folder (JPEG, quality 90, 10 classes); `decoded_gb` is the
-training split's size decoded, `peak_rss_mb` the process's peak resident memory (ru_maxrss).
+training split's size decoded, `load_seconds` the time to open the splits (in memory: to
+decode them all), `first_batch_seconds` the first batch (streamed: the workers' start),
+`peak_rss_mb` the process's peak resident memory (ru_maxrss; the worker processes apart).
 """
 
 import argparse
@@ -43,7 +46,9 @@ def write_folder(root: str, size: int, count: int) -> None:
 
 
 def measure(config, steps: int) -> dict:
+    start = time.time()
     train, _, _ = datasets.load_for(config)
+    load = time.time() - start
     batches = datasets.batches_for(train, None, config.train.batch_size, 0.0, config.seed,
                                    config.data)
     mesh = parallel.make_mesh()
@@ -62,7 +67,7 @@ def measure(config, steps: int) -> dict:
     images = (steps - 1) * config.train.batch_size
     return {"streamed": config.data.streaming or not isinstance(train.images, np.ndarray),
             "images_per_second": round(images / max(seconds, 1e-9), 1),
-            "first_batch_seconds": round(first, 2),
+            "first_batch_seconds": round(first, 2), "load_seconds": round(load, 2),
             "decoded_gb": round(len(train) * config.data.image_size ** 2 * 3 / 2 ** 30, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
@@ -76,11 +81,12 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--folder", default=None)
     parser.add_argument("--max-in-memory-gb", type=float, default=4.0)
-    parser.add_argument("--streaming-only", action="store_true")
+    parser.add_argument("--only", choices=("memory", "streaming"), default=None,
+                        help="one path only, e.g. to compare peak memory in separate runs")
     args = parser.parse_args()
     folder = args.folder or f"/tmp/fpcm_jax_pipeline_{args.size}px_{args.images}"
     write_folder(folder, args.size, args.images)
-    modes = [True] if args.streaming_only else [False, True]
+    modes = {"memory": [False], "streaming": [True], None: [False, True]}[args.only]
     for streaming in modes:
         config = default.get_config()
         config.data.name = f"folder:{folder}"
