@@ -283,3 +283,75 @@ def test_a_streamed_folder_run_trains_evaluates_and_reports(tmp_path):
     os.rename(other / "test" / "cat", other / "test" / "dog")
     with pytest.raises(ValueError, match="its labels mean other classes"):
         evaluate.run_evaluation(folder_config(other), workdir, ["none"])
+
+
+def prepared_mnist(data_dir, file_format="array_record", counts=(("train", 20), ("test", 6))):
+    """Real mnist records in data_dir, written without TensorFlow (which tfds needs to encode
+    images when it prepares a dataset): PNGs in tf.train.Example protos (tfds's own copy),
+    ArrayRecord shards, and the builder's dataset_info.json / features.json. Image i of a split
+    is uniform noise, its label i % 10."""
+    import io
+
+    import tensorflow_datasets as tfds
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+
+    builder = tfds.builder("mnist", data_dir=str(data_dir), file_format=file_format)
+    path = os.fspath(builder.data_path)
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    splits = []
+    for split, count in counts:
+        shard = os.path.join(path, f"mnist-{split}.{file_format}-00000-of-00001")
+        writer = ArrayRecordWriter(shard, "group_size:1") if file_format == "array_record" else None
+        for index in range(count):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(png, "PNG")
+            feature = {"image": tf_feature_pb2.Feature(
+                           bytes_list=tf_feature_pb2.BytesList(value=[png.getvalue()])),
+                       "label": tf_feature_pb2.Feature(
+                           int64_list=tf_feature_pb2.Int64List(value=[index % 10]))}
+            example = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=feature))
+            if writer is not None:
+                writer.write(example.SerializeToString())
+        if writer is not None:
+            writer.close()
+        else:
+            open(shard, "wb").close()
+        template = tfds.core.ShardedFileTemplate(
+            data_dir=path, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+            dataset_name="mnist", split=split, filetype_suffix=file_format)
+        splits.append(tfds.core.SplitInfo(name=split, shard_lengths=[count], num_bytes=0,
+                                          filename_template=template))
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    builder.info.write_to_directory(path)
+
+
+def test_real_array_record_files_through_tfds_data_source(tmp_path):
+    """tfds:mnist prepared as ArrayRecord (written here): 20 + 6 records, labels i % 10 read
+    without decoding the images, the images decoded on demand (28x28 grey -> 32x32 RGB); a
+    slice of the split as the test split."""
+    prepared_mnist(tmp_path)
+    config = tiny_config(data__name="tfds:mnist", data__data_dir=str(tmp_path),
+                         data__image_size=32, data__test_split="train[:5]",
+                         data__validation_size=4)
+    source = sources.open_source(config.data)
+    images, labels = source.train
+    assert list(labels) == [i % 10 for i in range(20)] and len(source.test[1]) == 5
+    assert np.asarray(images[2:4]).shape == (2, 32, 32, 3)
+    assert source.fingerprint["train"]["files"] == 20 and source.fingerprint["version"]
+
+
+@pytest.mark.parametrize("file_format, message", [
+    (None, "mnist is not prepared in"),
+    ("tfrecord", "it needs the ArrayRecord format"),
+])
+def test_a_tfds_dataset_not_prepared_as_array_record_is_one_line(tmp_path, file_format,
+                                                                   message):
+    if file_format:
+        prepared_mnist(tmp_path, file_format)
+    config = tiny_config(data__name="tfds:mnist", data__data_dir=str(tmp_path))
+    with pytest.raises(sources.DatasetError, match=message) as raised:
+        sources.open_source(config.data)
+    assert "\n" not in str(raised.value)
+    assert "tfds build mnist --file_format=array_record" in str(raised.value)
