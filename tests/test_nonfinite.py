@@ -127,19 +127,22 @@ def test_mode_eval_stops_with_one_line_and_no_report(tmp_path):
     model, variables = nan_model()
     checkpoint.save_variables(saved, variables, experiment.describe(config))
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO}/tests")
-    for attack, where in (("pgd2", "pgd2"), ("apgd-ce", "AutoAttack's apgd-ce")):
+    attacked = attacked_points(model, variables)  # AutoAttack attacks these (some, not all)
+    assert 0 < len(attacked) < COUNT
+    for attack, where, count in (("pgd2", "pgd2", COUNT),
+                                 ("apgd-ce", "AutoAttack's apgd-ce", len(attacked))):
         workdir = str(tmp_path / attack)
         command = [sys.executable, "main.py", "--config", "configs/tiny.py", "--mode", "eval",
                    "--workdir", workdir, "--checkpoint", saved, "--attack", attack,
-                   "--num_examples", "8", "--batch_size", "8",
+                   "--num_examples", str(COUNT), "--batch_size", "8",
                    "--config.model.name=own_models:NaNOffGrid", "--config.model.widths=None",
                    "--config.model.stage_sizes=None"]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 1, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and lines[0].startswith(f"error: {where}: 8 point(s) with "
-                                                       f"non-finite logits"), result.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"error: {where}: {count} point(s) "
+                                                       f"with non-finite logits"), result.stderr
         assert no_report_in(workdir) == []
 
 

@@ -263,7 +263,7 @@ def another_value(value, field_type):
         return value + "_changed"
     if isinstance(value, (tuple, list)):
         return tuple(value) + (1,)
-    return {float: 0.5, str: "/elsewhere", tuple: (1, 1, 1, 1)}[field_type]
+    return {float: 0.5, int: 7, str: "/elsewhere", tuple: (1, 1, 1, 1)}[field_type]
 
 
 def test_every_field_changed_on_resume_is_refused_unless_allow_listed(tmp_path):

@@ -273,7 +273,7 @@ def test_default_xla_flags_respect_the_users_setting(monkeypatch):
     ("train", "checkpoint_every_steps", -5, "checkpoint_every_steps=-5"),
     ("train", "batch_size", 0, "train.batch_size=0 must be positive"),
     ("train", "batch_size", 6, "multiple of the 4 devices"),
-    ("model", "name", "wrn-16-2", "model.widths applies to resnet18 only"),
+    ("model", "name", "wrn-16-2", "model.widths applies to the ResNets only"),
     ("model", "widths", (16, 32), "four positive integers"),
     ("model", "name", "vgg16", "is not a model; valid names"),
     ("model", "cutoff_end", 0.0, "cutoff_end=0.0 must lie in \\(0, 1\\]"),
