@@ -9,10 +9,11 @@ tensorflow-datasets' imagenet2012 prepared as ArrayRecord.
 Data: 1.28 M training images (193 GB decoded at 224 px) do not fit data.max_in_memory_gb, so
 they are streamed with Grain (data.workers decode processes per host, each host its shard);
 the 50,000 validation images are the test split, read batch by batch.
-Cost: not measured here (no GPU lent). By FLOPs, PGD-2 training costs about 3x standard
-training (one clean, two attack and one adversarial forward-backward per image); standard
-ResNet-50 training is about 3 GPU-days on one V100-class card for 90 epochs, so expect on the
-order of 10 GPU-days for the 30 epochs set here: use several GPUs or hosts (docs/multihost.md).
+Cost: not measured here (no GPU lent); counted instead. A forward of ResNet-50 + FPCM at 224
+px is 8.32 GFLOP (benchmarks/flops.py: 8.18 without FPCM); a step runs per image one clean
+forward, two attack forward-backward passes and one adversarial forward-backward, about 10
+forwards, so an epoch is about 1.28 M x 83 GFLOP = 1.1e17 FLOP and the 30 epochs 3.2e18: at a
+sustained 100 TFLOP/s, about 9 hours. Use several GPUs or hosts (docs/multihost.md).
 """
 
 from configs import default

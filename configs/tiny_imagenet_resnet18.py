@@ -8,8 +8,10 @@ Data: the tiny-imagenet-200 archive (cs231n.stanford.edu) holds train/<wnid>/ima
 found as is, and val/images/ with val_annotations.txt, which must first be sorted into
 val/<wnid>/ (docs/data.md has the five lines that do it). 100,000 training images of 64x64
 hold 1.2 GB in memory (under data.max_in_memory_gb), so they are read once and kept.
-Cost: not measured here (no GPU lent); by FLOPs, about 4x a CIFAR-10 ResNet-18 epoch per
-epoch (2x the pixels, 2x the images), i.e. roughly 4x the official CIFAR-10 run's time.
+Cost: not measured here (no GPU lent); counted instead. A ResNet-18 + FPCM forward at 64 px
+is 4.49 GFLOP (benchmarks/flops.py; 1.11 at 32 px), so with 2x CIFAR-10's images an epoch
+costs about 8x a CIFAR-10 epoch of the same model and attack, and these 100 epochs about 7x
+the official 120-epoch CIFAR-10 ResNet-18 run.
 """
 
 from configs import default
