@@ -43,7 +43,8 @@ LONGEST_FILES = ("test_multiprocess.py", "test_train.py", "test_learning.py",
                  "test_frameworks.py", "test_convert.py", "test_own_model.py",
                  "test_integrity.py", "test_analysis.py", "test_models.py", "test_evaluate.py",
                  "test_cli.py", "test_l2_runs.py", "test_train_rules.py",
-                 "test_counting_rules.py", "test_report.py", "test_run_record.py",
+                 "test_counting_rules.py", "test_own_data.py", "test_nonfinite.py",
+                 "test_report.py", "test_run_record.py",
                  "test_autoattack_checks.py", "test_docs.py", "test_data.py")
 
 
