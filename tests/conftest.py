@@ -20,12 +20,16 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# One compilation cache for this test session (this process only; subprocesses compile their
-# own): many tests build the same tiny steps as new jitted closures, which XLA would compile
-# again; the cache finds them by their HLO. Measured on tests/test_frameworks.py and
-# tests/test_selection.py: 199 -> 132 s of CPU time. Same executables, so the same numbers.
+# One compilation cache for this test session, shared with the processes the tests start
+# (`main.py` runs inherit it through the environment): many tests build the same tiny steps as
+# new jitted closures or run the same command again, which XLA would compile again; the cache
+# finds them by their HLO. Measured on tests/test_frameworks.py and tests/test_selection.py:
+# 199 -> 132 s of CPU time. Same executables, so the same numbers.
 _COMPILE_CACHE = tempfile.mkdtemp(prefix="fpcm-jax-tests-xla-")
 atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_COMPILE_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
