@@ -14,6 +14,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU shared wi
 import atexit  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -78,6 +79,23 @@ def official_resnet18():
 @pytest.fixture(scope="session")
 def official_wrn16_2():
     return load_official_fixture("wrn16_2")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(devices: int):
+    """This process's environment for a subprocess on `devices` fake CPU devices, outside any
+    distributed run (the XLA compilation cache and the other flags kept)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    kept = [flag for flag in env.get("XLA_FLAGS", "").split() if "device_count" not in flag]
+    env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    return env
 
 
 def tiny_config(**changes):

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,8 @@ import chex
 import numpy as np
 import pytest
 
-from conftest import assert_leaves_close, needs_four_devices, read_train_state, tiny_config
+from conftest import (assert_leaves_close, cpu_env, free_port, needs_four_devices,
+                      read_train_state, tiny_config)
 from fpcm_jax.data import datasets
 from fpcm_jax.runs import checkpoint, loading
 
@@ -40,21 +40,6 @@ def tiny_run_config(**changes):
     """The config that TINY gives on the command line."""
     return tiny_config(model__fpcm_lowpass="fft", attack__norm="l2", attack__eps=0.5,
                        attack__step_size=0.1, **changes)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_env(devices: int):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    kept = [flag for flag in env.get("XLA_FLAGS", "").split() if "device_count" not in flag]
-    env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)
-    return env
 
 
 def start(args, processes=1, devices=4):

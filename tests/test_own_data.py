@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import cpu_env, free_port, tiny_config
 from fpcm_jax import parallel
 from fpcm_jax.data import datasets, sources
 
@@ -219,17 +219,13 @@ def test_two_processes_each_read_half_of_an_epoch(tmp_path):
     devices hold, half of every batch; together they read each image of the epoch once, and
     the global batch they assemble is the in-memory path's."""
     import json
-    import socket
     import subprocess
     import sys
 
     root = image_folder(tmp_path / "set")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{repo}:{repo}/tests",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(cpu_env(2), PYTHONPATH=f"{repo}:{repo}/tests")
     started = [subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, f"127.0.0.1:{port}",
                                  str(index), str(root)], cwd=repo, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
