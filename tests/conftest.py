@@ -1,7 +1,8 @@
 """Test setup: 4 fake CPU devices (set before JAX starts) and shared helpers.
 
 On a GPU (`JAX_PLATFORMS=cuda python -m pytest`) the tests that need 4 devices are skipped
-(`needs_four_devices`); the multi-process tests run their subprocesses on CPU devices.
+(`needs_four_devices`); the multi-process tests and the learning checks run their
+subprocesses on CPU devices (`cpu_env`).
 """
 
 import os
