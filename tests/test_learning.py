@@ -52,7 +52,7 @@ GAP = 0.1      # over standard training of the same seed (measured >= 0.222)
 
 
 def short_run(workdir, attack_steps, dtype="float32", **train_changes):
-    """`main.py` with `short_run_config`, on DEVICES fake CPU devices: its summary.json."""
+    """`main.py` with `short_run_changes`, on DEVICES fake CPU devices: its summary.json."""
     changes = dict(short_run_changes(attack_steps, dtype),
                    **{f"train.{name}": value for name, value in train_changes.items()})
     flags = [f"--config.{name}={value}" for name, value in changes.items()]
